@@ -1,0 +1,135 @@
+"""Attacks: PGD (L-inf, and L2 as an extension), FGSM, CW-inf, and the AutoAttack entry point.
+
+Inputs are images in [0, 1]; eps and step sizes are in the same units (8/255, not 0.031).
+PGD (Madry et al. 2018), L-inf:  x' <- clip_[0,1]( x + clip_[-eps,eps]( x' + alpha * sign(grad_x' L) - x ) ).
+The attacks ask autograd for the input gradient only (torch.autograd.grad): no parameter gradient is computed or
+left behind, and the model's train/eval mode is not touched (training attacks run in whatever mode the method
+wants; evaluation wraps the model in frozen()).
+"""
+import contextlib
+import logging
+
+import torch
+import torch.nn.functional as F
+
+
+def cw_loss(logits, y):
+    """Per-sample CW margin max_{j != y} z_j - z_y (positive when misclassified); PGD maximises it."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return other.max(1).values - z_y
+
+
+def _loss(logits, y, loss):
+    logits = logits.float()
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")  # summed: only the gradient's sign/direction matters
+    if loss == "cw":
+        return cw_loss(logits, y).sum()
+    raise ValueError(f"unknown attack loss {loss!r}; use 'ce' or 'cw'")
+
+
+def _l2(v):
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, loss="ce", norm="Linf"):
+    """Projected gradient ascent on `loss` within the eps-ball around x and the [0,1] box; returns x' detached."""
+    x = x.detach()
+    if not random_start:
+        delta = torch.zeros_like(x)
+    elif norm == "Linf":
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:  # L2: a uniform direction at a uniform radius in [0, eps]
+        delta = torch.randn_like(x)
+        delta = delta / _l2(delta) * eps * torch.rand(len(x), device=x.device).view(-1, *([1] * (x.dim() - 1)))
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        (g,) = torch.autograd.grad(_loss(model(x + delta), y, loss), delta)
+        if norm == "Linf":
+            delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
+        else:
+            delta = delta.detach() + alpha * g / _l2(g)
+            delta = delta * (eps / _l2(delta)).clamp(max=1.0)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def fgsm(model, x, y, eps=8 / 255):
+    """FGSM (Goodfellow et al. 2015): one step of size eps from x."""
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False)
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """Evaluation attacks: eval() mode (BatchNorm statistics fixed) and no parameter needs a gradient.
+    The previous mode and requires_grad flags are restored on exit."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
+    """Per-sample correctness (bool tensor) of the frozen model on x (uint8 or float in [0,1]), optionally after
+    an attack (a function like pgd, called with attack_kw). fp32: no autocast."""
+    out = []
+    with frozen(model), torch.autocast(x.device.type, enabled=False):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
+            if attack is not None:
+                xb = attack(model, xb, yb, **attack_kw)
+            with torch.no_grad():
+                out.append(model(xb).argmax(1) == yb)
+    return torch.cat(out)
+
+
+def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", log=None):
+    """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square.
+    eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a time-based seed); the global
+    random state it reseeds is restored; fp32; gradients FAB leaves on the parameters are cleared.
+    Returns per-sample correctness on the final, point-wise worst-case adversarial examples."""
+    from pyautoattack import AutoAttack
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    lib_log = logging.getLogger("auto-attack")
+    handler = None
+    if log is not None:
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = lambda record: log("  autoattack: " + record.getMessage())
+        lib_log.addHandler(handler)
+        lib_log.setLevel(logging.DEBUG)
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with frozen(model), torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
+            adversary = AutoAttack(model, norm=norm, eps=eps, version=version, device=x.device, seed=seed)
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+            dist = (x_adv - x).flatten(1)
+            dist = dist.abs().max(1).values if norm == "Linf" else dist.norm(dim=1)
+            assert float(dist.max()) <= eps + 1e-5 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+            result = correct(model, x_adv, y, batch_size)
+    finally:
+        if handler is not None:
+            lib_log.removeHandler(handler)
+        for p in model.parameters():
+            p.grad = None
+    return result
+
+
+def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1):
+    """The attack's settings, printed beside every number it produces."""
+    e = f"{eps * 255:.4g}/255" if norm == "Linf" else f"{eps:.4g}"
+    if name == "clean":
+        return "clean"
+    if name == "aa":
+        return f"AutoAttack standard ({norm}, eps {e})"
+    a = f"{alpha * 255:.4g}/255" if norm == "Linf" else f"{alpha:.4g}"
+    return f"{name.upper()}-{steps} ({norm}, eps {e}, step {a}, random start, {restarts} restart)"

@@ -1,0 +1,175 @@
+"""Networks used by the adversarial-training scripts.
+
+Every model takes images in [0, 1] (no mean/std normalisation: eps is in pixel units) of any size,
+and ends with global average pooling, so 32x32 CIFAR and 64x64 Tiny ImageNet use the same model.
+Parameter names follow the published checkpoints of each architecture, so their weights load as is:
+  preact_resnet18  Rice et al. 2020 / Wong et al. 2020 (conv1, layer1..4, bn, linear)
+  resnet18         the common CIFAR ResNet-18 (conv1, bn1, layer1..4, shortcut, linear)
+  wrn34_10/28_10   the TRADES / AWP WideResNet (conv1, block1..3, bn1, fc); the unused `sub_block1`
+                   of TRADES checkpoints is dropped on load (see utils.clean_state_dict)
+  cnn              a small CNN for quick CPU runs and tests
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "cnn")
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (preact=False: the common CIFAR ResNet-18; preact=True: PreActResNet-18)."""
+
+    def __init__(self, num_classes=10, preact=False):
+        super().__init__()
+        block = PreActBlock if preact else BasicBlock
+        self.preact = preact
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 3x3 stem, no max-pool (CIFAR)
+        if not preact:
+            self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._layer(block, 64, 1)
+        self.layer2 = self._layer(block, 128, 2)
+        self.layer3 = self._layer(block, 256, 2)
+        self.layer4 = self._layer(block, 512, 2)
+        if preact:
+            self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+
+    def _layer(self, block, planes, stride):
+        layers = []
+        for s in (stride, 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if self.preact:
+            out = F.relu(self.bn(out))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, in_planes, out_planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal = in_planes == out_planes
+        self.convShortcut = None if self.equal else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = self.relu1(self.bn1(x))
+        shortcut = x if self.equal else self.convShortcut(o)
+        out = self.conv2(self.relu2(self.bn2(self.conv1(o))))
+        return out + shortcut
+
+
+class WideGroup(nn.Module):
+    def __init__(self, n, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else out_planes, out_planes,
+                                               stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth=34, widen=10, num_classes=10):
+        super().__init__()
+        assert (depth - 4) % 6 == 0
+        n = (depth - 4) // 6
+        w = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        self.block1 = WideGroup(n, w[0], w[1], 1)
+        self.block2 = WideGroup(n, w[1], w[2], 2)
+        self.block3 = WideGroup(n, w[2], w[3], 2)
+        self.bn1 = nn.BatchNorm2d(w[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(w[3], num_classes)
+        for m in self.modules():  # the TRADES/AWP initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.relu(self.bn1(out))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """Two conv layers with BatchNorm (so BN handling is exercised) and a linear head; for CPU runs."""
+
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.linear = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def get_model(arch, num_classes):
+    if arch == "preact_resnet18":
+        return ResNet18(num_classes, preact=True)
+    if arch == "resnet18":
+        return ResNet18(num_classes, preact=False)
+    if arch == "wrn34_10":
+        return WideResNet(34, 10, num_classes)
+    if arch == "wrn28_10":
+        return WideResNet(28, 10, num_classes)
+    if arch == "cnn":
+        return SmallCNN(num_classes)
+    raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
