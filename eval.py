@@ -7,6 +7,8 @@
 The model is in eval() mode with frozen parameters for every attack, in fp32. Every number is printed with its
 attack's settings, and all of them are written as JSON beside the checkpoint (NAME.eval.json, NAME.wa.eval.json).
 The `worst case` row counts an image as robust only if it survived every attack that was run on it.
+
+    python eval.py at/best.pt sar/best.pt --attacks --lowpass --spectrum   # the spectral analysis (spectral.py)
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ import torch
 import attacks
 import data
 import models
+import spectral
 import utils
 
 ATTACKS = ("clean", "pgd", "cw", "aa")
@@ -26,7 +29,7 @@ ATTACKS = ("clean", "pgd", "cw", "aa")
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate checkpoints with clean / PGD / CW / AutoAttack accuracy")
     p.add_argument("checkpoints", nargs="+", help="this project's checkpoints, or bare state dicts with --arch")
-    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    p.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS)
     p.add_argument("--weights", default="model", choices=["model", "wa"], help="raw weights or the weight average")
     p.add_argument("--arch", default=None, help="for bare state dicts: " + ", ".join(models.ARCHS))
     p.add_argument("--dataset", default=None, help="for bare state dicts: " + ", ".join(data.DATASETS))
@@ -39,6 +42,9 @@ def get_args(argv=None):
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--cw-steps", type=int, default=30)
     p.add_argument("--restarts", type=int, default=1, help="PGD/CW restarts (an image must survive all)")
+    p.add_argument("--lowpass", action="store_true", help="clean and PGD accuracy under centred k x k low-pass filters")
+    p.add_argument("--spectrum", action="store_true", help="mean amplitude spectrum of PGD perturbations (+ PNG)")
+    p.add_argument("--spectrum-out", default=None, help="PNG path (default: beside the first checkpoint)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -114,7 +120,7 @@ def evaluate(model, x, y, args, log=print):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    out = {}
+    out, spectra = {}, []
     for path in args.checkpoints:
         model, info = load_model(path, args, device)
         ds = data.load(info["dataset"], info["data_dir"], val_size=0, device=device)
@@ -127,10 +133,30 @@ def main(argv=None):
         for r in results.values():
             print(f"  {r['attack']:<62} {r['accuracy']:6.2f} %  {r['seconds']:7.1f} s")
         record = dict(checkpoint=path, n_examples=n, seed=args.seed, **info, results=results)
+        pgd_name = attacks.describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)
+        if args.lowpass:
+            lp = spectral.lowpass_accuracy(model, x, y, spectral.lowpass_ks(x.shape[-1]), args.eps, args.alpha,
+                                           args.pgd_steps, args.batch_size)
+            print(f"  low-pass k x k   clean %    PGD %   ({pgd_name}, crafted on unfiltered images)")
+            for k, (c, r) in lp.items():
+                print(f"  k = {k:<12} {c:7.2f}  {r:7.2f}")
+            record["lowpass"] = dict(attack=pgd_name, accuracy={str(k): dict(clean=c, pgd=r) for k, (c, r) in lp.items()})
+        if args.spectrum:
+            spec, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
+                                                        args.batch_size)
+            print("  perturbation spectrum, radial profile (low to high frequency): "
+                  + " ".join(f"{v:.3g}" for v in prof.tolist()))
+            record["spectrum"] = dict(attack=pgd_name, amplitude=spec.tolist(), radial_profile=prof.tolist())
+            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+            spectra.append((label + (" (wa)" if args.weights == "wa" else ""), spec, prof))
         stem = os.path.splitext(path)[0] + (".wa" if args.weights == "wa" else "")
         with open(stem + ".eval.json", "w") as f:
             json.dump(record, f, indent=1)
         out[path] = record
+    if spectra:
+        png = args.spectrum_out or os.path.splitext(args.checkpoints[0])[0] + ".spectrum.png"
+        spectral.plot_spectra(spectra, png)
+        print(f"perturbation spectra: {png}")
     return out
 
 

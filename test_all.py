@@ -565,3 +565,108 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="refusing to load"):
         evaluate.main([str(tmp_path / "evil.pt"), "--arch", "cnn", "--dataset", "cifar10"])
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- SAR
+
+import sar  # noqa: E402
+import spectral  # noqa: E402
+
+
+def slow_dft(z, axes):
+    """Explicit DFT sums: F[k, l] = sum_b sum_c z[b, c] exp(-2 pi i (k b / B + l c / C)) over the chosen axes."""
+    B, C = z.shape
+    out = torch.zeros(B, C, dtype=torch.complex128)
+    for k in range(B):
+        for l in range(C):
+            s = 0
+            for b in range(B):
+                for c in range(C):
+                    if axes == "batch_class":
+                        s += z[b, c].item() * np.exp(-2j * np.pi * (k * b / B + l * c / C))
+                    elif b == k:  # class axis only, per sample
+                        s += z[b, c].item() * np.exp(-2j * np.pi * l * c / C)
+            out[k, l] = s
+    return out
+
+
+@pytest.mark.parametrize("fft", ["batch_class", "class"])
+def test_sar_loss_matches_explicit_dft(fft):
+    torch.manual_seed(0)
+    za, zc = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    da, dc = slow_dft(za.detach().double(), fft), slow_dft(zc.detach().double(), fft)
+    want = torch.cat([(da - dc).real.flatten(), (da - dc).imag.flatten()]).abs().mean()  # over 2*B*C numbers
+    got = sar.sar_loss(za, zc, fft)
+    assert got.dtype == torch.float32 and abs(got.item() - want.item()) < 1e-5
+    assert sar.sar_loss(za, za.detach().clone(), fft).item() == 0
+    got.backward()
+    assert za.grad.abs().sum() > 0 and zc.grad.abs().sum() > 0  # both branches get gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 even under autocast
+        assert sar.sar_loss(za.bfloat16(), zc.bfloat16(), fft).dtype == torch.float32
+
+
+def test_sar_trains_switches_on_at_start_epoch_and_eval_reads_it(cifar, tmp_path, monkeypatch):
+    root, _ = cifar
+    modes = []
+    real_pgd = attacks.pgd
+
+    def recording_pgd(model, *a, **k):
+        modes.append(model.training)
+        return real_pgd(model, *a, **k)
+    monkeypatch.setattr(attacks, "pgd", recording_pgd)
+    calls = []
+    real_loss = sar.sar_loss
+    monkeypatch.setattr(sar, "sar_loss", lambda *a: calls.append(a[0].shape) or real_loss(*a))
+    out = tmp_path / "sar"
+    sar.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
+              "--batch-size", "32", "--val-size", "40", "--max-batches", "3", "--sar-start-epoch", "1",
+              "--out", str(out)])
+    assert not any(modes)  # the training attack (and validation) ran in eval mode
+    assert len(calls) == 3  # the term is on in the second epoch only
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[0]["train_sar"] is None and log[1]["train_sar"] > 0
+    monkeypatch.setattr(attacks, "pgd", real_pgd)
+    monkeypatch.setattr(sar, "sar_loss", real_loss)
+    out_wa = tmp_path / "sar_wa"
+    sar.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
+              "--batch-size", "32", "--val-size", "40", "--max-batches", "2", "--wa", "--out", str(out_wa)])
+    ck = torch.load(out_wa / "last.pt", weights_only=True)
+    assert ck["method"] == "sar" and ck["wa_n"] == 1 and ck["args"]["sar_lambda"] == 0.1
+    res = evaluate.main([str(out_wa / "last.pt"), "--weights", "wa", "--attacks", "clean", "pgd", "--n-examples", "8",
+                         "--lowpass", "--spectrum"])
+    rec = res[str(out_wa / "last.pt")]
+    assert set(rec["lowpass"]["accuracy"]) == {"32", "28", "24", "20", "16"}
+    assert len(rec["spectrum"]["radial_profile"]) > 10
+    assert os.path.getsize(out_wa / "last.spectrum.png") > 1000
+
+
+def test_lowpass_filter_identity_and_window():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(spectral.lowpass(x, 32), x, atol=1e-5)
+    for k in (28, 16):
+        f = spectral.lowpass(x, k)
+        spec = torch.fft.fftshift(torch.fft.fft2(f), dim=(-2, -1))  # zero frequency at [16, 16]
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[16 - k // 2:16 + k // 2 + 1, 16 - k // 2:16 + k // 2 + 1] = True  # frequencies -k/2 .. k/2
+        assert spec[..., ~inside].abs().max() < 1e-3  # no energy outside the window
+        full = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+        assert torch.allclose(spec[..., inside], full[..., inside], atol=1e-3)  # inside it, untouched
+    assert spectral.lowpass_ks(64) == [64, 56, 48, 40, 32]
+
+
+def test_perturbation_spectrum_and_radial_profile_match_slow_computation():
+    torch.manual_seed(0)
+    d = torch.randn(3, 2, 8, 8)
+    spec = spectral.amplitude_spectrum(d)
+    slow = torch.zeros(8, 8)
+    for i in range(3):
+        for c in range(2):
+            slow += torch.from_numpy(np.fft.fftshift(np.abs(np.fft.fft2(d[i, c].numpy())))).float()
+    assert torch.allclose(spec, slow / 6, atol=1e-4)
+    prof = spectral.radial_profile(spec)
+    rings = {}
+    for u in range(8):
+        for v in range(8):
+            rings.setdefault(round(((u - 4) ** 2 + (v - 4) ** 2) ** 0.5), []).append(spec[u, v].item())
+    assert torch.allclose(prof, torch.tensor([np.mean(rings[r]) for r in sorted(rings)], dtype=torch.float32))

@@ -1,0 +1,209 @@
+"""SAR: PGD-AT + spectral alignment regularisation.
+
+Huang, Lin, Tao, Wong, "Spectral alignment regularisation for adversarial training" (2023). The regulariser keeps
+the Fourier spectrum of an adversarial batch's logits close to that of its clean batch:
+
+    L = CE(Z', y) + lambda * mean | F(Z') - F(Z) |,     Z' = f(x'), Z = f(x),  x' = PGD-10(f, x, y)
+
+F is the unnormalised 2-D DFT of the B x C logit matrix, the L1 taken over real and imaginary parts and averaged
+over all 2*B*C numbers; lambda = 0.1. Choices that follow the authors' released code rather than the paper's text:
+  - the DFT runs over both axes, batch and class (torch.fft.fft2 of the logit matrix); the per-sample DFT over the
+    class axis alone is offered as --sar-fft class (its scale is ~12x smaller: retune lambda);
+  - the PGD attack runs with the network in eval mode, training forwards in train mode; two separate forwards
+    (BatchNorm sees each batch alone), gradients through both, no clean CE term;
+  - --sar-start-epoch (default 0; the released code used 75, the first lr decay).
+Schedule of the paper: 100 epochs, lr x0.1 at 75 and 90, 5,000 validation images; the paper's network is
+WRN-34-10 (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --wa (SWA from the first milestone).
+
+    python sar.py                                  # CIFAR-10, the paper's schedule
+    python sar.py --dataset cifar100 --wa          # SAR + WA
+    python sar.py --arch wrn34_10 --wa             # the paper's network
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attacks
+import data
+import models
+import utils
+import wa
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SAR: PGD-AT + spectral alignment regularisation (Huang et al. 2023)")
+    p.add_argument("--dataset", default="cifar10", help=", ".join(data.DATASETS))
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--arch", default="preact_resnet18", help=", ".join(models.ARCHS))
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--milestones", type=int, nargs="*", default=[75, 90], help="epochs where lr is multiplied by 0.1")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number)")
+    p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps in training and validation")
+    p.add_argument("--val-size", type=int, default=5000, help="held-out training images for choosing best.pt")
+    p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
+    p.add_argument("--wa-mode", default="swa", choices=["ema", "swa"])
+    p.add_argument("--wa-decay", type=float, default=0.999)
+    p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
+    p.add_argument("--sar-lambda", type=float, default=0.1, help="weight of the spectral alignment term")
+    p.add_argument("--sar-start-epoch", type=int, default=0, help="first epoch (0-based) with the term on")
+    p.add_argument("--sar-fft", default="batch_class", choices=["batch_class", "class"],
+                   help="2-D DFT over batch and class axes (authors' code), or 1-D over classes per sample")
+    p.add_argument("--out", default=None, help="output folder (default runs/sar-DATASET-ARCH)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"sar-{args.dataset}-{args.arch}")
+    return args
+
+
+def sar_loss(logits_adv, logits_clean, fft="batch_class"):
+    """mean | view_as_real(F(Z')) - view_as_real(F(Z)) |, F the unnormalised DFT of the B x C logits over both axes
+    (fft="batch_class") or over the class axis per sample (fft="class"). Always float32, also under autocast.
+    Gradients flow into both arguments."""
+    with torch.autocast(logits_adv.device.type, enabled=False):
+        dft = torch.fft.fft2 if fft == "batch_class" else (lambda z: torch.fft.fft(z, dim=1))
+        diff = torch.view_as_real(dft(logits_adv.float())) - torch.view_as_real(dft(logits_clean.float()))
+        return diff.abs().mean()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    eps, alpha = args.eps, args.alpha
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    # ---- data: uint8 tensors on the device; a fixed-seed validation split of the training set
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device)
+    n_train = len(ds["train_x"])
+    nb = data.num_batches(n_train, args.batch_size, args.max_batches)
+
+    # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
+    model = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
+    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
+    wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
+
+    # ---- resume: everything needed to continue exactly is in last.pt
+    os.makedirs(args.out, exist_ok=True)
+    last_path = os.path.join(args.out, "last.pt")
+    start_epoch, best, wa_best = 0, -1.0, -1.0
+    if os.path.exists(last_path) and not args.resume:
+        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it or --out for a new one")
+    if args.resume and os.path.exists(last_path):
+        ck = utils.load_checkpoint(last_path)
+        if (ck.get("arch"), ck.get("dataset"), ck.get("method")) != (args.arch, args.dataset, "sar"):
+            raise SystemExit(f"error: {last_path} is a {ck.get('method')} run of {ck.get('arch')} on "
+                             f"{ck.get('dataset')}; resume it with the same method, --arch and --dataset")
+        utils.load_weights(model, ck["model"], last_path, args.arch)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if args.wa and ck.get("wa_model") is not None:
+            if ck["args"]["wa_mode"] != args.wa_mode:
+                raise SystemExit(f"error: {last_path} averages with --wa-mode {ck['args']['wa_mode']}; resume with it")
+            avg.module.load_state_dict(ck["wa_model"])
+            avg.n_averaged.fill_(ck["wa_n"])
+        start_epoch, best, wa_best = ck["epoch"], ck["best"], ck["wa_best"]
+        utils.trim_log(args.out, start_epoch)
+        print(f"resumed {last_path} at epoch {start_epoch}")
+    print(f"sar.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device}, "
+          f"train {attacks.describe('pgd', eps, args.steps, alpha)}, amp={args.amp}, wa={args.wa and args.wa_mode}, "
+          f"SAR lambda {args.sar_lambda} ({args.sar_fft}) from epoch {args.sar_start_epoch}")
+
+    def validate(m):  # clean and PGD accuracy on the held-out split; model frozen in eval mode, fp32
+        if args.val_size == 0:
+            return None, None
+        clean = attacks.correct(m, ds["val_x"], ds["val_y"]).float().mean().item()
+        rob = attacks.correct(m, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=eps, alpha=alpha,
+                              steps=args.steps).float().mean().item()
+        return 100 * clean, 100 * rob
+
+    for epoch in range(start_epoch, args.epochs):
+        # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
+        torch.manual_seed(args.seed * 100_003 + epoch)
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
+        sar_sum = torch.zeros((), device=device)
+        sar_on = args.sar_lambda > 0 and epoch >= args.sar_start_epoch
+        n_correct = torch.zeros((), device=device, dtype=torch.long)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        seen = 0
+        for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
+                                                augment=True, pad=ds["pad"], flip=ds["flip"],
+                                                max_batches=args.max_batches, memory_format=mem)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                # inner max: PGD-10 with random start, network in eval mode (the authors' code)
+                model.eval()
+                x_adv = attacks.pgd(model, x, y, eps, alpha, args.steps, random_start=True)
+                model.train()
+                # two train-mode forwards; the clean logits are no detached target: gradients flow through both
+                logits = model(x_adv)
+                loss = F.cross_entropy(logits.float(), y)
+                if sar_on:  # before --sar-start-epoch this is plain PGD-AT and the clean forward is skipped
+                    reg = sar_loss(logits, model(x), args.sar_fft)
+                    loss = loss + args.sar_lambda * reg
+                    sar_sum += reg.detach() * len(y)
+            # The attack took input gradients only, so no stale parameter gradient exists here.
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            wa.after_step(avg, model, args.wa_mode)
+            loss_sum += loss.detach() * len(y)
+            n_correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.time() - t0
+        sched.step()
+
+        # ---- weight averaging at the end of the epoch (SWA update + BatchNorm recomputation)
+        bn_batches = lambda: data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=True,
+                                          pad=ds["pad"], flip=ds["flip"], memory_format=mem)
+        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches)
+
+        # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
+        val_clean, val_pgd = validate(model)
+        wa_clean, wa_pgd = validate(avg.module) if wa_ready else (None, None)
+        rec = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum.item() / seen, train_acc=100 * n_correct.item() / seen,
+                   train_sar=sar_sum.item() / seen if sar_on else None,
+                   val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
+                   time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time)
+        utils.log_epoch(args.out, rec)
+
+        # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
+        meta = dict(format=utils.CKPT_FORMAT, method="sar", arch=args.arch, dataset=args.dataset,
+                    num_classes=ds["num_classes"], epoch=epoch + 1, args=vars(args), metrics=rec)
+        if val_pgd is not None and val_pgd > best:
+            best = val_pgd
+            utils.save_checkpoint(dict(meta, model=model.state_dict()), os.path.join(args.out, "best.pt"))
+        if wa_pgd is not None and wa_pgd > wa_best:
+            wa_best = wa_pgd
+            utils.save_checkpoint(dict(meta, model=avg.module.state_dict(), weights="wa"),
+                                  os.path.join(args.out, "wa_best.pt"))
+        utils.save_checkpoint(dict(meta, model=model.state_dict(), optimizer=opt.state_dict(),
+                                   scheduler=sched.state_dict(), best=best, wa_best=wa_best,
+                                   wa_model=avg.module.state_dict() if avg is not None else None,
+                                   wa_n=int(avg.n_averaged) if avg is not None else 0), last_path)
+    return model, avg
+
+
+if __name__ == "__main__":
+    main()

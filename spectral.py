@@ -1,0 +1,97 @@
+"""The spectral analysis behind SAR (used by eval.py --lowpass / --spectrum).
+
+Low-pass test: each image channel is Fourier transformed, only the frequencies (f_y, f_x) with |f_y|, |f_x| <= k/2
+(the centred square of side k, conjugate-symmetric so the filtered image is real; k = image size keeps everything)
+are kept, and the image is transformed back. Clean and PGD-20 accuracy are measured on filtered images, the
+adversarial examples crafted on the unfiltered input. An adversarially trained model loses little clean accuracy
+under the filter; a naturally trained one loses much.
+
+Perturbation spectrum: mean over images and channels of |fftshift(FFT2(x' - x))| for PGD perturbations, and its
+radial profile (mean amplitude per integer ring around the zero frequency).
+"""
+import torch
+
+import attacks
+
+K_32 = (32, 28, 24, 20, 16)
+
+
+def lowpass_ks(size):
+    """The paper's k for 32-px images, scaled to other sizes (64 px: 64, 56, 48, 40, 32)."""
+    return [k * size // 32 for k in K_32]
+
+
+def lowpass_mask(h, w, k, device=None):
+    fy = (torch.fft.fftfreq(h, device=device) * h).abs()[:, None]
+    fx = (torch.fft.fftfreq(w, device=device) * w).abs()[None, :]
+    return (fy <= k / 2) & (fx <= k / 2)  # unshifted layout, the zero frequency at [0, 0]
+
+
+def lowpass(x, k):
+    """x: (..., H, W) real images; keeps the centred k x k square of frequencies."""
+    mask = lowpass_mask(x.shape[-2], x.shape[-1], k, x.device)
+    return torch.fft.ifft2(torch.fft.fft2(x.float()) * mask).real
+
+
+def lowpass_accuracy(model, x, y, ks, eps, alpha, steps=20, batch_size=500):
+    """{k: (clean accuracy %, PGD accuracy %)} with the filter applied before the model, PGD crafted unfiltered."""
+    hits = {k: [0, 0] for k in ks}
+    with attacks.frozen(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
+            xa = attacks.pgd(model, xb, yb, eps, alpha, steps, random_start=True)
+            with torch.no_grad():
+                for k in ks:
+                    hits[k][0] += (model(lowpass(xb, k)).argmax(1) == yb).sum().item()
+                    hits[k][1] += (model(lowpass(xa, k)).argmax(1) == yb).sum().item()
+    return {k: (100 * c / len(x), 100 * r / len(x)) for k, (c, r) in hits.items()}
+
+
+def amplitude_spectrum(delta):
+    """Mean over images and channels of |fftshift(FFT2(delta))|: an H x W map, zero frequency at the centre."""
+    return torch.fft.fftshift(torch.fft.fft2(delta.float()).abs(), dim=(-2, -1)).mean(dim=tuple(range(delta.dim() - 2)))
+
+
+def radial_profile(spec):
+    """Mean amplitude per integer ring r = round(distance to the centre (H//2, W//2))."""
+    h, w = spec.shape
+    yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
+    r = torch.sqrt((yy ** 2 + xx ** 2).float()).round().long().flatten()
+    sums = torch.zeros(int(r.max()) + 1).index_add_(0, r, spec.flatten().cpu().float())
+    return sums / torch.bincount(r).float()
+
+
+def perturbation_spectrum(model, x, y, eps, alpha, steps=20, batch_size=500):
+    total, n = 0, 0
+    with attacks.frozen(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
+            xa = attacks.pgd(model, xb, yb, eps, alpha, steps, random_start=True)
+            total = total + amplitude_spectrum(xa - xb) * len(xb)
+            n += len(xb)
+    spec = (total / n).cpu()
+    return spec, radial_profile(spec)
+
+
+def plot_spectra(named, path):
+    """named: [(label, spectrum, profile)]; one heat map per checkpoint, side by side, and all profiles in one plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(named)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4))
+    vmax = max(float(s.max()) for _, s, _ in named)
+    for ax, (label, spec, _) in zip(axes, named):
+        im = ax.imshow(spec.numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[:n].tolist(), fraction=0.03, label="mean |FFT2(x' - x)|")
+    for label, _, prof in named:
+        axes[n].plot(prof.numpy(), label=label)
+    axes[n].set_xlabel("frequency radius")
+    axes[n].set_ylabel("mean amplitude")
+    axes[n].set_title("radial profile", fontsize=8)
+    axes[n].legend(fontsize=6)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
