@@ -670,3 +670,117 @@ def test_perturbation_spectrum_and_radial_profile_match_slow_computation():
         for v in range(8):
             rings.setdefault(round(((u - 4) ** 2 + (v - 4) ** 2) ** 0.5), []).append(spec[u, v].item())
     assert torch.allclose(prof, torch.tensor([np.mean(rings[r]) for r in sorted(rings)], dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- ISEAT
+
+import iseat  # noqa: E402
+
+
+def test_rank_weights_on_known_vectors_with_ties():
+    av = torch.tensor([0.5, -1.0, 0.5, 2.0, 0.0])
+    # ascending: -1 (1), 0 (4), 0.5 (0), 0.5 (2; a tie keeps batch order), 2 (3)
+    assert torch.allclose(iseat.rank_weights(av), torch.tensor([3, 1, 4, 5, 2]) / 5)
+    torch.manual_seed(0)
+    av = torch.randint(0, 4, (16,)).float()  # many ties
+    w = iseat.rank_weights(av)
+    assert sorted((w * 16).round().long().tolist()) == list(range(1, 17))  # exactly {1/B, ..., 1}
+    assert w[av.argmax()] > 0 and (w[av == av.max()].max() == 1.0)
+    assert (w[av < av.max()] < w[av == av.max()].min()).all()  # larger vulnerability, larger weight
+
+
+def test_awp_direction_norms_and_exact_restore():
+    torch.manual_seed(0)
+    model, proxy = models.get_model("cnn", 10), models.get_model("cnn", 10)
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    v = iseat.awp_diff(model, proxy, x, y, eta=0.01)
+    params = dict(model.named_parameters())
+    assert set(v) == {n for n, p in params.items() if p.dim() >= 2} == {"conv1.weight", "conv2.weight", "linear.weight"}
+    for n, d in v.items():
+        assert torch.allclose(d.norm(), params[n].norm(), rtol=1e-5)
+    # the direction is the normalised gradient of the adversarial CE (the proxy's step is eta times it)
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), [params["conv1.weight"]])[0]
+    assert torch.allclose(v["conv1.weight"], params["conv1.weight"].norm() * g / g.norm(), atol=1e-5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = iseat.perturb(model, v, 7e-3)
+    after = model.state_dict()
+    for k in before:
+        changed = not torch.equal(after[k], before[k])
+        assert changed == (k in v), k  # BatchNorm parameters and buffers, and biases, untouched
+        if k in v:
+            assert torch.allclose(after[k] - before[k], 7e-3 * v[k], atol=1e-7)
+    iseat.restore(model, v, 7e-3, saved)
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, before[k]), k  # bitwise
+
+
+def slow_iseat_step(model, x, y, gamma, lam, lr=0.1, momentum=0.9, wd=5e-4):
+    """The same step written the obvious way: separate copies at theta and at theta + gamma v, each branch's
+    gradient taken at its own point, summed; SGD (first step: momentum buffer = gradient) at theta + gamma v."""
+    m0 = copy.deepcopy(model).train()
+    z0 = m0(x)
+    x_adv = attacks.pgd(m0, x, y, 8 / 255, 2 / 255, 10, random_start=False)
+    kernels = [n for n, p in m0.named_parameters() if p.dim() >= 2]
+    p0 = dict(m0.named_parameters())
+    mg = copy.deepcopy(m0)
+    pg = dict(mg.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(mg(x_adv), y), [pg[n] for n in kernels])
+    v = {n: p0[n].detach().norm() * g / g.norm() for n, g in zip(kernels, grads)}
+    m1 = copy.deepcopy(m0)
+    with torch.no_grad():
+        for n, p in m1.named_parameters():
+            if n in v:
+                p.add_(gamma * v[n])
+    z1 = m1(x_adv)
+    ce_adv = F.cross_entropy(z1, y, reduction="none")
+    ce_clean = F.cross_entropy(z0, y, reduction="none")
+    av = (ce_adv - ce_clean).tolist()
+    B = len(y)
+    w = [0.0] * B
+    for j, i in enumerate(sorted(range(B), key=lambda i: av[i])):
+        w[i] = (j + 1) / B
+    w = torch.tensor(w)
+    adv_branch = ce_adv.mean() + lam / B * sum(w[i] * ((z1[i] - z0[i].detach()) ** 2).sum() for i in range(B))
+    clean_branch = lam / B * sum(w[i] * ((z1[i].detach() - z0[i]) ** 2).sum() for i in range(B))
+    g1 = torch.autograd.grad(adv_branch, list(m1.parameters()))
+    g0 = torch.autograd.grad(clean_branch, list(m0.parameters()), allow_unused=True)
+    new = {}
+    for (n, p1), a, b in zip(m1.named_parameters(), g1, g0):
+        g = a + (b if b is not None else 0)
+        stepped = p1.detach() - lr * (g + wd * p1.detach())  # SGD at the perturbed point
+        new[n] = stepped - (gamma * v[n] if n in v else 0)  # then the perturbation is removed
+    return new, (adv_branch.detach() + clean_branch.detach() * 0).item()
+
+
+@pytest.mark.parametrize("gamma,lam", [(7e-3, 0.1), (7e-3, 0.0), (0.0, 0.5)])
+def test_iseat_step_equals_slow_computation(gamma, lam):
+    torch.manual_seed(0)
+    model, proxy = models.get_model("cnn", 10), models.get_model("cnn", 10)
+    model.train()
+    x, y = torch.rand(12, 3, 8, 8), torch.randint(0, 10, (12,))
+    want, want_loss = slow_iseat_step(model, x, y, gamma, lam)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    loss, _, _ = iseat.train_step(model, proxy, opt, x, y, 8 / 255, 2 / 255, 10, gamma, 0.01, lam)
+    assert abs(loss.item() - want_loss) < 1e-5
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, want[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_iseat_trains_switches_lambda_at_milestone_and_eval_reads_it(cifar, tmp_path, monkeypatch):
+    root, _ = cifar
+    calls = []
+    real = iseat.rank_weights
+    monkeypatch.setattr(iseat, "rank_weights", lambda av: calls.append(len(av)) or real(av))
+    base = ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
+            "--batch-size", "32", "--val-size", "40", "--max-batches", "3"]
+    iseat.main(base + ["--out", str(tmp_path / "i")])
+    assert len(calls) == 3  # the smoothing term is on from the first milestone (epoch 2) only
+    log = [json.loads(line) for line in open(tmp_path / "i" / "log.jsonl")]
+    assert [r["lam"] for r in log] == [0.0, 0.1]
+    assert log[0]["train_smooth"] is None and log[1]["train_smooth"] > 0
+    iseat.main(base + ["--wa", "--out", str(tmp_path / "iwa")])
+    ck = torch.load(tmp_path / "iwa" / "last.pt", weights_only=True)
+    assert ck["method"] == "iseat" and ck["wa_n"] == 6 and ck["args"]["awp_gamma"] == 7e-3
+    res = evaluate.main([str(tmp_path / "iwa" / "last.pt"), "--weights", "wa", "--attacks", "clean", "cw",
+                         "--n-examples", "8"])
+    assert 0 <= res[str(tmp_path / "iwa" / "last.pt")]["results"]["cw"]["accuracy"] <= 100

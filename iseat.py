@@ -1,0 +1,268 @@
+"""ISEAT: instance-adaptive smoothness enhanced adversarial training.
+
+Li and Spratling, "Improved adversarial training through adaptive instance-wise loss smoothing" (2023):
+PGD-AT + adversarial weight perturbation (AWP, Wu et al. 2020) + an instance-weighted logit-pairing term,
+
+    L = mean_i CE(f_{theta + gamma v}(x'_i), y_i) + (lambda / B) * sum_i w_i || f_{theta + gamma v}(x'_i) - f_theta(x_i) ||^2
+
+x' = PGD-10 without random start (train mode); v the AWP direction, per conv/linear kernel l:
+v_l = ||theta_l|| d_l / (||d_l|| + 1e-20), d_l the change of theta_l after one plain SGD step (lr eta = 0.01) of a
+proxy copy on minus the adversarial CE; gamma = 7e-3. w_i = j/B for the sample at position j of the vulnerabilities
+av_i = CE_adv_i - CE_clean_i sorted ascending (the most vulnerable gets 1). The clean branch's gradient is taken at
+theta, the adversarial branch's at theta + gamma v, and the two are added; the optimiser steps at the perturbed
+point and the perturbation is then removed (as in the authors' AWP code). lambda is set per lr stage: 0 before the
+first milestone, 0.1 after (--lam 0 0.1), so the first stage is exactly AT-AWP.
+Where the code differs in form, not in result, from the authors': the adversarial forward at theta + gamma v is
+taken out of place (torch.func.functional_call), so the clean forward at theta serves as the unperturbed branch:
+no copy of the model is made per batch and no third forward is needed.
+Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is AT-AWP.
+
+    python iseat.py                      # PreActResNet-18, CIFAR-10, 200 epochs, lr x0.1 at 100 and 150
+    python iseat.py --arch wrn34_10      # the authors' README configuration
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import attacks
+import data
+import models
+import utils
+import wa
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="ISEAT: AWP + instance-adaptive logit smoothing (Li and Spratling 2023)")
+    p.add_argument("--dataset", default="cifar10", help=", ".join(data.DATASETS))
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--arch", default="preact_resnet18", help=", ".join(models.ARCHS))
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150], help="epochs where lr is multiplied by 0.1")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number)")
+    p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps in training and validation")
+    p.add_argument("--val-size", type=int, default=1000, help="held-out training images for choosing best.pt")
+    p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
+    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa"])
+    p.add_argument("--wa-decay", type=float, default=0.999)
+    p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
+    p.add_argument("--awp-gamma", type=float, default=7e-3, help="size of the weight perturbation (0: no AWP)")
+    p.add_argument("--awp-eta", type=float, default=0.01, help="lr of the proxy's ascent step")
+    p.add_argument("--lam", type=float, nargs="+", default=[0.0, 0.1],
+                   help="lambda per lr stage (before the first milestone, after it, ...); the last value repeats")
+    p.add_argument("--out", default=None, help="output folder (default runs/iseat-DATASET-ARCH)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"iseat-{args.dataset}-{args.arch}")
+    return args
+
+
+def rank_weights(av):
+    """Sort av ascending (stable: ties keep their batch order); the sample at position j = 1..B gets j / B."""
+    B = len(av)
+    w = torch.empty(B, device=av.device)
+    w[torch.sort(av, stable=True).indices] = torch.arange(1, B + 1, device=av.device, dtype=torch.float) / B
+    return w
+
+
+def awp_diff(model, proxy, x_adv, y, eta=0.01):
+    """AWP direction: copy the weights to `proxy`, take one plain SGD step (lr eta, no momentum, no weight decay)
+    on minus its mean adversarial CE, and return {name: ||theta_l|| * d_l / (||d_l|| + 1e-20)} with d_l the change
+    of each parameter with 2 or more dimensions (conv and linear kernels; not BatchNorm, not biases)."""
+    proxy.load_state_dict(model.state_dict())
+    proxy.train()
+    names = [n for n, p in proxy.named_parameters() if p.dim() >= 2]
+    qs = dict(proxy.named_parameters())
+    grads = torch.autograd.grad(-F.cross_entropy(proxy(x_adv).float(), y), [qs[n] for n in names])
+    own = dict(model.named_parameters())
+    v = {}
+    with torch.no_grad():
+        for n, g in zip(names, grads):
+            qs[n].sub_(eta * g)  # the proxy's SGD step on -CE: an ascent step on CE
+            d = qs[n] - own[n]
+            v[n] = own[n].norm() * d / (d.norm() + 1e-20)
+    return v
+
+
+def perturb(model, v, gamma):
+    """theta_l += gamma * v_l; returns the unperturbed tensors for restore()."""
+    own, saved = dict(model.named_parameters()), {}
+    with torch.no_grad():
+        for n, d in v.items():
+            saved[n] = own[n].detach().clone()
+            own[n].add_(d, alpha=gamma)
+    return saved
+
+
+def restore(model, v, gamma, saved):
+    """theta_l -= gamma * v_l, written as saved + (theta_l - (saved + gamma v_l)): it keeps the optimiser's update
+    made at the perturbed point, and gives back the saved weights bitwise when there was none."""
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, d in v.items():
+            own[n].copy_(saved[n] + (own[n] - saved[n].add(d, alpha=gamma)))
+
+
+def train_step(model, proxy, opt, x, y, eps, alpha, steps, gamma, eta, lam, amp=False):
+    """One ISEAT step; returns (loss, adversarial logits, weighted smoothing term), all detached."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        # 1. clean forward at theta (train mode): the unperturbed branch of the smoothing term and CE_clean
+        logits_clean = model(x) if lam > 0 else None
+        # 2. PGD-10 without random start, network in train mode
+        x_adv = attacks.pgd(model, x, y, eps, alpha, steps, random_start=False)
+        # 3. AWP direction from one ascent step of the proxy
+        v = awp_diff(model, proxy, x_adv, y, eta) if gamma > 0 else {}
+        # 4. adversarial forward at theta + gamma v, out of place so the clean graph at theta stays valid
+        params = {n: p + gamma * v[n] if n in v else p for n, p in model.named_parameters()}
+        logits_adv = functional_call(model, params, (x_adv,))
+        ce_adv = F.cross_entropy(logits_adv.float(), y, reduction="none")
+        loss = ce_adv.mean()
+        reg = torch.zeros((), device=x.device)
+        if lam > 0:
+            # 5. rank weights from the vulnerability CE_adv - CE_clean (detached), recomputed every batch
+            ce_clean = F.cross_entropy(logits_clean.float(), y, reduction="none")
+            w = rank_weights((ce_adv - ce_clean).detach())
+            # 6. weighted squared L2 between adversarial (theta + gamma v) and clean (theta) logits, both with gradients
+            reg = (w * (logits_adv.float() - logits_clean.float()).pow(2).sum(1)).sum() / len(y)
+            loss = loss + lam * reg
+    # 7. the gradients of both branches add up on theta; the optimiser steps at the perturbed point, then the
+    # perturbation is removed. (The attack and the proxy took no gradient of the model's parameters.)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    saved = perturb(model, v, gamma)
+    opt.step()
+    restore(model, v, gamma, saved)
+    return loss.detach(), logits_adv.detach(), reg.detach()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    eps, alpha = args.eps, args.alpha
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    # ---- data: uint8 tensors on the device; a fixed-seed validation split of the training set
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device)
+    n_train = len(ds["train_x"])
+    nb = data.num_batches(n_train, args.batch_size, args.max_batches)
+
+    # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
+    model = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
+    proxy = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)  # made once, reused
+    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
+    wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
+
+    # ---- resume: everything needed to continue exactly is in last.pt
+    os.makedirs(args.out, exist_ok=True)
+    last_path = os.path.join(args.out, "last.pt")
+    start_epoch, best, wa_best = 0, -1.0, -1.0
+    if os.path.exists(last_path) and not args.resume:
+        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it or --out for a new one")
+    if args.resume and os.path.exists(last_path):
+        ck = utils.load_checkpoint(last_path)
+        if (ck.get("arch"), ck.get("dataset"), ck.get("method")) != (args.arch, args.dataset, "iseat"):
+            raise SystemExit(f"error: {last_path} is a {ck.get('method')} run of {ck.get('arch')} on "
+                             f"{ck.get('dataset')}; resume it with the same method, --arch and --dataset")
+        utils.load_weights(model, ck["model"], last_path, args.arch)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if args.wa and ck.get("wa_model") is not None:
+            if ck["args"]["wa_mode"] != args.wa_mode:
+                raise SystemExit(f"error: {last_path} averages with --wa-mode {ck['args']['wa_mode']}; resume with it")
+            avg.module.load_state_dict(ck["wa_model"])
+            avg.n_averaged.fill_(ck["wa_n"])
+        start_epoch, best, wa_best = ck["epoch"], ck["best"], ck["wa_best"]
+        utils.trim_log(args.out, start_epoch)
+        print(f"resumed {last_path} at epoch {start_epoch}")
+    print(f"iseat.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device}, "
+          f"train PGD-{args.steps} eps {eps * 255:g}/255 step {alpha * 255:g}/255 (no random start), amp={args.amp}, "
+          f"wa={args.wa and args.wa_mode}, AWP gamma {args.awp_gamma}, lambda per stage {args.lam}")
+
+    def validate(m):  # clean and PGD accuracy on the held-out split; model frozen in eval mode, fp32
+        if args.val_size == 0:
+            return None, None
+        clean = attacks.correct(m, ds["val_x"], ds["val_y"]).float().mean().item()
+        rob = attacks.correct(m, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=eps, alpha=alpha,
+                              steps=args.steps).float().mean().item()
+        return 100 * clean, 100 * rob
+
+    for epoch in range(start_epoch, args.epochs):
+        # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
+        torch.manual_seed(args.seed * 100_003 + epoch)
+        model.train()
+        lr = opt.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
+        reg_sum = torch.zeros((), device=device)
+        stage = sum(epoch >= m for m in args.milestones)  # lambda is set per lr stage
+        lam = args.lam[min(stage, len(args.lam) - 1)]
+        n_correct = torch.zeros((), device=device, dtype=torch.long)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        seen = 0
+        for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
+                                                augment=True, pad=ds["pad"], flip=ds["flip"],
+                                                max_batches=args.max_batches, memory_format=mem)):
+            loss, logits, reg = train_step(model, proxy, opt, x, y, eps, alpha, args.steps, args.awp_gamma,
+                                           args.awp_eta, lam, args.amp)
+            reg_sum += reg * len(y)
+            wa.after_step(avg, model, args.wa_mode)
+            loss_sum += loss.detach() * len(y)
+            n_correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.time() - t0
+        sched.step()
+
+        # ---- weight averaging at the end of the epoch (SWA update + BatchNorm recomputation)
+        bn_batches = lambda: data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=True,
+                                          pad=ds["pad"], flip=ds["flip"], memory_format=mem)
+        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches)
+
+        # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
+        val_clean, val_pgd = validate(model)
+        wa_clean, wa_pgd = validate(avg.module) if wa_ready else (None, None)
+        rec = dict(epoch=epoch + 1, lr=lr, lam=lam, train_loss=loss_sum.item() / seen, train_acc=100 * n_correct.item() / seen,
+                   train_smooth=reg_sum.item() / seen if lam > 0 else None,
+                   val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
+                   time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time)
+        utils.log_epoch(args.out, rec)
+
+        # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
+        meta = dict(format=utils.CKPT_FORMAT, method="iseat", arch=args.arch, dataset=args.dataset,
+                    num_classes=ds["num_classes"], epoch=epoch + 1, args=vars(args), metrics=rec)
+        if val_pgd is not None and val_pgd > best:
+            best = val_pgd
+            utils.save_checkpoint(dict(meta, model=model.state_dict()), os.path.join(args.out, "best.pt"))
+        if wa_pgd is not None and wa_pgd > wa_best:
+            wa_best = wa_pgd
+            utils.save_checkpoint(dict(meta, model=avg.module.state_dict(), weights="wa"),
+                                  os.path.join(args.out, "wa_best.pt"))
+        utils.save_checkpoint(dict(meta, model=model.state_dict(), optimizer=opt.state_dict(),
+                                   scheduler=sched.state_dict(), best=best, wa_best=wa_best,
+                                   wa_model=avg.module.state_dict() if avg is not None else None,
+                                   wa_n=int(avg.n_averaged) if avg is not None else 0), last_path)
+    return model, avg
+
+
+if __name__ == "__main__":
+    main()
