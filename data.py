@@ -150,32 +150,35 @@ def crop_flip(x, pad, oy, ox, flip):
     return padded[b, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: B,H,W,C -> B,C,H,W
 
 
-def random_crop_flip(x, pad, flip=True):
-    B = x.shape[0]
-    oy = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
-    ox = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
-    f = torch.rand(B, device=x.device) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
+def random_crop_flip(x, pad, flip=True, generator=None):
+    B, kw = x.shape[0], dict(device=x.device, generator=generator)
+    oy = torch.randint(0, 2 * pad + 1, (B,), **kw)
+    ox = torch.randint(0, 2 * pad + 1, (B,), **kw)
+    f = torch.rand(B, **kw) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
     return crop_flip(x, pad, oy, ox, f)
 
 
-def batches(x, y, batch_size, shuffle=False, augment=False, pad=4, flip=True, rank=0, world=1,
+def batches(x, y, batch_size, shuffle=False, augment=False, pad=4, flip=True, seed=None, rank=0, world=1,
             max_batches=None, memory_format=torch.contiguous_format):
     """Yields (float images in [0,1], labels), all on x's device. With world > 1 every global batch of
-    `batch_size` is split across ranks and rank `rank` gets its part (the permutation is the same on every
-    rank when the global seed is)."""
+    `batch_size` is split across ranks and rank `rank` gets its part: the permutation and the augmentation are
+    drawn for the global batch from `seed`, so the data equal those of a single-process run."""
     n = len(x)
-    idx = torch.randperm(n, device=x.device) if shuffle else torch.arange(n, device=x.device)
+    # with a seed, order and augmentation come from a generator of their own: they do not depend on how much
+    # randomness the training step draws (PGD starts), so they are the same for any number of processes
+    g = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
+    idx = torch.randperm(n, device=x.device, generator=g) if shuffle else torch.arange(n, device=x.device)
     nb = math.ceil(n / batch_size)
     if max_batches is not None:
         nb = min(nb, max_batches)
     for i in range(nb):
         j = idx[i * batch_size:(i + 1) * batch_size]
+        xb, yb = x[j], y[j]
+        if augment:  # drawn for the whole global batch, identical on every rank and to a single-process run
+            xb = random_crop_flip(xb, pad, flip, g)
         if world > 1:
-            j = j.tensor_split(world)[rank]
-        xb = x[j]
-        if augment:
-            xb = random_crop_flip(xb, pad, flip)
-        yield xb.float().div_(255).contiguous(memory_format=memory_format), y[j]
+            xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
+        yield xb.float().div_(255).contiguous(memory_format=memory_format), yb
 
 
 def num_batches(n, batch_size, max_batches=None):

@@ -18,9 +18,12 @@ WRN-34-10 (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --
     python sar.py                                  # CIFAR-10, the paper's schedule
     python sar.py --dataset cifar100 --wa          # SAR + WA
     python sar.py --arch wrn34_10 --wa             # the paper's network
+    torchrun --nproc_per_node=4 sar.py --amp       # 4 GPUs; the batch-axis DFT runs over each rank's local batch
 """
 import argparse
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -43,7 +46,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
     p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number)")
     p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
     p.add_argument("--steps", type=int, default=10, help="PGD steps in training and validation")
@@ -59,11 +62,18 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/sar-DATASET-ARCH)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training and attacks")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    p.add_argument("--bench", action="store_true",
+                   help="measure images/s: 2 epochs of --max-batches (20) batches, no validation, nothing kept")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"sar-{args.dataset}-{args.arch}")
+    if args.bench:  # the first epoch warms up (cudnn autotuning, compilation); the second is the measurement
+        args.epochs, args.max_batches, args.val_size = 2, args.max_batches or 20, 0
+        args.out, args.resume = tempfile.mkdtemp(prefix="bench-"), False
+        args.sar_start_epoch = 0  # measure the method with its term on
     return args
 
 
@@ -79,9 +89,10 @@ def sar_loss(logits_adv, logits_clean, fft="batch_class"):
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device)
+    device, rank, world = utils.distributed_setup(args.device)  # world > 1 under torchrun
+    main_rank = rank == 0  # only rank 0 prints, logs, validates and writes checkpoints
     eps, alpha = args.eps, args.alpha
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same on every rank: same initial weights, permutations, crops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -93,6 +104,10 @@ def main(argv=None):
 
     # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
     model = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)
+    fast = torch.compile(model) if args.compile else model  # used for the attack and the training forward
+    # Several processes: the adversarial forward goes through DDP, which averages gradients across ranks in
+    # backward; the attack and the clean forward run on the plain module (one DDP forward per backward).
+    train_model = torch.nn.parallel.DistributedDataParallel(fast) if world > 1 else fast
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
     avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
@@ -118,14 +133,17 @@ def main(argv=None):
             avg.module.load_state_dict(ck["wa_model"])
             avg.n_averaged.fill_(ck["wa_n"])
         start_epoch, best, wa_best = ck["epoch"], ck["best"], ck["wa_best"]
-        utils.trim_log(args.out, start_epoch)
-        print(f"resumed {last_path} at epoch {start_epoch}")
-    print(f"sar.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device}, "
-          f"train {attacks.describe('pgd', eps, args.steps, alpha)}, amp={args.amp}, wa={args.wa and args.wa_mode}, "
-          f"SAR lambda {args.sar_lambda} ({args.sar_fft}) from epoch {args.sar_start_epoch}")
+        if main_rank:
+            utils.trim_log(args.out, start_epoch)
+            print(f"resumed {last_path} at epoch {start_epoch}")
+    if main_rank:
+        print(f"sar.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device} x {world}, "
+              f"train {attacks.describe('pgd', eps, args.steps, alpha)}, amp={args.amp}, compile={args.compile}, "
+              f"wa={args.wa and args.wa_mode}, SAR lambda {args.sar_lambda} ({args.sar_fft}) from epoch "
+              f"{args.sar_start_epoch}")
 
     def validate(m):  # clean and PGD accuracy on the held-out split; model frozen in eval mode, fp32
-        if args.val_size == 0:
+        if args.val_size == 0 or not main_rank:
             return None, None
         clean = attacks.correct(m, ds["val_x"], ds["val_y"]).float().mean().item()
         rob = attacks.correct(m, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=eps, alpha=alpha,
@@ -134,7 +152,8 @@ def main(argv=None):
 
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
-        torch.manual_seed(args.seed * 100_003 + epoch)
+        epoch_seed = args.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
         model.train()
         lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
@@ -146,18 +165,19 @@ def main(argv=None):
         t0 = time.time()
         seen = 0
         for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
-                                                augment=True, pad=ds["pad"], flip=ds["flip"],
+                                                augment=True, pad=ds["pad"], flip=ds["flip"], seed=epoch_seed,
+                                                rank=rank, world=world,
                                                 max_batches=args.max_batches, memory_format=mem)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 # inner max: PGD-10 with random start, network in eval mode (the authors' code)
-                model.eval()
-                x_adv = attacks.pgd(model, x, y, eps, alpha, args.steps, random_start=True)
-                model.train()
+                fast.eval()
+                x_adv = attacks.pgd(fast, x, y, eps, alpha, args.steps, random_start=True)
+                fast.train()
                 # two train-mode forwards; the clean logits are no detached target: gradients flow through both
-                logits = model(x_adv)
+                logits = train_model(x_adv)
                 loss = F.cross_entropy(logits.float(), y)
                 if sar_on:  # before --sar-start-epoch this is plain PGD-AT and the clean forward is skipped
-                    reg = sar_loss(logits, model(x), args.sar_fft)
+                    reg = sar_loss(logits, fast(x), args.sar_fft)
                     loss = loss + args.sar_lambda * reg
                     sar_sum += reg.detach() * len(y)
             # The attack took input gradients only, so no stale parameter gradient exists here.
@@ -168,9 +188,9 @@ def main(argv=None):
             loss_sum += loss.detach() * len(y)
             n_correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            if main_rank:
+                utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
+        loss_sum, n_correct, sar_sum, seen = utils.reduce_sum(loss_sum, n_correct, sar_sum, seen, device=device)  # waits for the GPU
         train_time = time.time() - t0
         sched.step()
 
@@ -178,14 +198,17 @@ def main(argv=None):
         bn_batches = lambda: data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=True,
                                           pad=ds["pad"], flip=ds["flip"], memory_format=mem)
         wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches)
+        utils.broadcast_buffers(model, avg)  # BatchNorm statistics are per rank within an epoch; rank 0's are kept
 
         # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
         val_clean, val_pgd = validate(model)
         wa_clean, wa_pgd = validate(avg.module) if wa_ready else (None, None)
-        rec = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum.item() / seen, train_acc=100 * n_correct.item() / seen,
-                   train_sar=sar_sum.item() / seen if sar_on else None,
+        rec = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=100 * n_correct / seen,
+                   train_sar=sar_sum / seen if sar_on else None,
                    val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
                    time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time)
+        if not main_rank:
+            continue
         utils.log_epoch(args.out, rec)
 
         # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
@@ -202,6 +225,12 @@ def main(argv=None):
                                    scheduler=sched.state_dict(), best=best, wa_best=wa_best,
                                    wa_model=avg.module.state_dict() if avg is not None else None,
                                    wa_n=int(avg.n_averaged) if avg is not None else 0), last_path)
+    if args.bench:
+        if main_rank:
+            print(f"benchmark: {rec['img_per_s']:.1f} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
+                  f"{world} process(es), amp={args.amp}, compile={args.compile})")
+        shutil.rmtree(args.out, ignore_errors=True)
+    utils.distributed_cleanup()
     return model, avg
 
 

@@ -784,3 +784,83 @@ def test_iseat_trains_switches_lambda_at_milestone_and_eval_reads_it(cifar, tmp_
     res = evaluate.main([str(tmp_path / "iwa" / "last.pt"), "--weights", "wa", "--attacks", "clean", "cw",
                          "--n-examples", "8"])
     assert 0 <= res[str(tmp_path / "iwa" / "last.pt")]["results"]["cw"]["accuracy"] <= 100
+
+
+# ---------------------------------------------------------------- several processes (torchrun, gloo on the CPU)
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+LAUNCHER = '''
+import importlib, os, sys
+sys.path.insert(0, {repo!r})
+import torch, torch.nn as nn
+import models
+if os.environ.get("NO_BN"):  # a model without batch statistics, for the single-process comparison
+    def no_bn(arch, n):
+        m = models.SmallCNN(n)
+        m.bn1, m.bn2 = nn.Identity(), nn.Identity()
+        return m
+    models.get_model = no_bn
+model, avg = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
+torch.save({{"model": model.state_dict(), "wa": avg.module.state_dict() if avg is not None else None}},
+           os.path.join(os.environ["STATE_DIR"], "rank%s.pt" % os.environ.get("RANK", "single")))
+'''
+
+
+def launch(tmp_path, method, args, nproc=2, no_bn=False):
+    """Runs METHOD.main(args) under torchrun (nproc processes) or plainly (nproc 0); returns {rank: state}."""
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCHER.format(repo=os.path.dirname(os.path.abspath(__file__))))
+    state_dir = tmp_path / f"states-{len(list(tmp_path.glob('states-*')))}"
+    state_dir.mkdir()
+    env = dict(os.environ, STATE_DIR=str(state_dir), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    if no_bn:
+        env["NO_BN"] = "1"
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc else []) + [str(script), method] + args
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return {p.stem[4:]: torch.load(p, weights_only=True) for p in state_dir.glob("rank*.pt")}, r.stdout
+
+
+def assert_close_states(a, b, atol=0.0):
+    for part in ("model", "wa"):
+        if a[part] is None:
+            continue
+        for k in a[part]:
+            if atol == 0:
+                assert torch.equal(a[part][k], b[part][k]), (part, k)
+            else:
+                assert torch.allclose(a[part][k].float(), b[part][k].float(), atol=atol), (part, k)
+
+
+DDP_ARGS = ["--dataset", "synthetic", "--arch", "cnn", "--max-batches", "3", "--val-size", "50",
+            "--batch-size", "32", "--milestones", "1"]
+
+
+@pytest.mark.parametrize("method", ["at", "sar", "iseat"])
+def test_torchrun_ranks_end_with_the_same_weights(tmp_path, method):
+    states, out = launch(tmp_path, method, DDP_ARGS + ["--epochs", "2", "--wa", "--out", str(tmp_path / "run")])
+    assert set(states) == {"0", "1"}
+    assert_close_states(states["0"], states["1"])  # bitwise: gradients, AWP direction and buffers are shared
+    assert out.count("epoch 2 |") == 1  # only rank 0 prints and logs
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2]
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(torch.equal(ck["model"][k], states["0"]["model"][k]) for k in ck["model"])
+
+
+def test_torchrun_matches_single_process_and_resumes(tmp_path):
+    # no batch statistics and no random start (eps 0): data-parallel SGD is the same computation as one process
+    args = DDP_ARGS + ["--epochs", "2", "--eps", "0", "--wa"]
+    ddp, _ = launch(tmp_path, "at", args + ["--out", str(tmp_path / "ddp")], no_bn=True)
+    single, _ = launch(tmp_path, "at", args + ["--out", str(tmp_path / "single")], nproc=0, no_bn=True)
+    assert_close_states(ddp["0"], single["single"], atol=1e-6)
+    # resume under torchrun: 2 + 1 epochs equal 3 epochs straight
+    straight, _ = launch(tmp_path, "at", DDP_ARGS + ["--epochs", "3", "--wa", "--out", str(tmp_path / "s")])
+    launch(tmp_path, "at", DDP_ARGS + ["--epochs", "2", "--wa", "--out", str(tmp_path / "r")])
+    resumed, out = launch(tmp_path, "at", DDP_ARGS + ["--epochs", "3", "--wa", "--resume", "--out", str(tmp_path / "r")])
+    assert "resumed" in out
+    assert_close_states(straight["0"], resumed["0"])
+    assert_close_states(resumed["0"], resumed["1"])

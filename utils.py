@@ -11,6 +11,7 @@ import time
 import zipfile
 
 import torch
+import torch.distributed as dist
 
 CKPT_FORMAT = "advtrain-checkpoint-v1"
 
@@ -105,3 +106,43 @@ def progress(i, n, t0, prefix=""):
     if sys.stderr.isatty() and (i % 10 == 0 or i == n):
         sys.stderr.write(f"\r{prefix} {i}/{n} batches, {time.time() - t0:.0f} s" + (" " * 8 + "\r" if i == n else ""))
         sys.stderr.flush()
+
+
+# ---- several processes (torchrun): one process per GPU, or per CPU process with the gloo backend
+
+def distributed_setup(device):
+    """Under torchrun (WORLD_SIZE > 1) joins the process group and picks this rank's GPU.
+    Returns (device, rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device)
+    if world == 1:
+        return device, 0, 1
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def distributed_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def reduce_sum(*values, device="cpu"):
+    """Sums numbers or 0-d tensors over all ranks (once per epoch); returns Python floats."""
+    t = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float64) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_buffers(*modules):
+    """Rank 0's BatchNorm statistics (and AveragedModel's n_averaged) to every rank, so all ranks hold one model."""
+    if dist.is_initialized():
+        for m in modules:
+            if m is not None:
+                for b in m.buffers():
+                    dist.broadcast(b, 0)
