@@ -198,7 +198,8 @@ def main(argv=None):
         bn_batches = lambda: data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=True,
                                           pad=ds["pad"], flip=ds["flip"], memory_format=mem)
         wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches)
-        utils.broadcast_buffers(model, avg)  # BatchNorm statistics are per rank within an epoch; rank 0's are kept
+        # BatchNorm statistics drift apart per rank within an epoch: every rank keeps rank 0's
+        utils.broadcast_buffers(model, avg.module if avg is not None else None)
 
         # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
         val_clean, val_pgd = validate(model)
@@ -227,8 +228,11 @@ def main(argv=None):
                                    wa_n=int(avg.n_averaged) if avg is not None else 0), last_path)
     if args.bench:
         if main_rank:
+            gflop = utils.forward_gflops(model, ds["train_x"][:2].float() / 255)
+            passes = 2 * args.steps + 6  # forward-equivalents per image: PGD steps 2 each, adversarial and clean training passes 3 each
             print(f"benchmark: {rec['img_per_s']:.1f} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
-                  f"{world} process(es), amp={args.amp}, compile={args.compile})")
+                  f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
+                  f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved")
         shutil.rmtree(args.out, ignore_errors=True)
     utils.distributed_cleanup()
     return model, avg

@@ -864,3 +864,15 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path):
     assert "resumed" in out
     assert_close_states(straight["0"], resumed["0"])
     assert_close_states(resumed["0"], resumed["1"])
+
+
+def test_bench_mode_prints_throughput_and_keeps_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["--bench", "--dataset", "synthetic", "--arch", "cnn", "--max-batches", "2", "--batch-size", "16"]
+    at.main(small)
+    sar.main(small)
+    iseat.main(small + ["--compile"])  # torch.compile with the out-of-place perturbed forward
+    out = capsys.readouterr().out
+    assert out.count("benchmark:") == 3 and "compile=True" in out
+    assert "train_sar" in out and "train_smooth" in out  # the methods' terms are on while benchmarking
+    assert list(tmp_path.iterdir()) == []

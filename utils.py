@@ -101,6 +101,18 @@ def trim_log(out_dir, start_epoch):
         f.writelines(keep)
 
 
+def forward_gflops(model, x):
+    """GFLOP of one forward per image (torch.utils.flop_counter: 2 per multiply-add in convolutions and matmuls).
+    A training pass (forward + backward) costs about 3 of these, a PGD step (input gradient only) about 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / len(x) / 1e9
+
+
 def progress(i, n, t0, prefix=""):
     """A self-overwriting progress line on a terminal; reads no GPU value, so it costs no host sync."""
     if sys.stderr.isatty() and (i % 10 == 0 or i == n):
@@ -140,7 +152,7 @@ def reduce_sum(*values, device="cpu"):
 
 
 def broadcast_buffers(*modules):
-    """Rank 0's BatchNorm statistics (and AveragedModel's n_averaged) to every rank, so all ranks hold one model."""
+    """Rank 0's buffers (BatchNorm statistics) to every rank, so all ranks hold one model."""
     if dist.is_initialized():
         for m in modules:
             if m is not None:
