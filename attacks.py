@@ -93,12 +93,15 @@ def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
     return torch.cat(out)
 
 
-def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", log=None):
+def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", n_examples=None,
+               log=None):
     """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square.
     eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a time-based seed); the global
     random state it reseeds is restored; fp32; gradients FAB leaves on the parameters are cleared.
-    Returns per-sample correctness on the final, point-wise worst-case adversarial examples."""
+    Returns per-sample correctness on the final, point-wise worst-case adversarial examples of the first
+    n_examples images (all by default)."""
     from pyautoattack import AutoAttack
+    x, y = x[:n_examples], y[:n_examples]
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     lib_log = logging.getLogger("auto-attack")
     handler = None

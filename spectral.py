@@ -74,24 +74,28 @@ def perturbation_spectrum(model, x, y, eps, alpha, steps=20, batch_size=500):
 
 
 def plot_spectra(named, path):
-    """named: [(label, spectrum, profile)]; one heat map per checkpoint, side by side, and all profiles in one plot."""
+    """named: [(label, spectrum, profile)]; one heat map per checkpoint side by side on one logarithmic colour scale,
+    and all radial profiles in one plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
     n = len(named)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4))
-    vmax = max(float(s.max()) for _, s, _ in named)
+    fig, axes = plt.subplots(1, n + 2, figsize=(3.2 * n + 4.6, 3.2),
+                             gridspec_kw=dict(width_ratios=[1] * n + [0.06, 1.3], wspace=0.45))
+    norm = LogNorm(vmin=min(float(s.min()) for _, s, _ in named) + 1e-8, vmax=max(float(s.max()) for _, s, _ in named))
     for ax, (label, spec, _) in zip(axes, named):
-        im = ax.imshow(spec.numpy(), cmap="viridis", vmin=0, vmax=vmax)
+        im = ax.imshow(spec.numpy() + 1e-8, cmap="viridis", norm=norm)
         ax.set_title(label, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, ax=axes[:n].tolist(), fraction=0.03, label="mean |FFT2(x' - x)|")
+    fig.colorbar(im, cax=axes[n])
+    fig.suptitle("mean amplitude |fftshift(FFT2(x' - x))| of PGD perturbations (zero frequency at the centre)", fontsize=9)
     for label, _, prof in named:
-        axes[n].plot(prof.numpy(), label=label)
-    axes[n].set_xlabel("frequency radius")
-    axes[n].set_ylabel("mean amplitude")
-    axes[n].set_title("radial profile", fontsize=8)
-    axes[n].legend(fontsize=6)
+        axes[n + 1].semilogy(prof.numpy(), label=label)
+    axes[n + 1].yaxis.tick_right()  # clear of the colour bar's labels
+    axes[n + 1].set_xlabel("frequency radius (0 = mean colour)")
+    axes[n + 1].set_title("radial profile", fontsize=8)
+    axes[n + 1].legend(fontsize=6)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

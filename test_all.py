@@ -191,6 +191,7 @@ def test_autoattack_matches_exact_linear_worst_case():
     rng_before = torch.get_rng_state()
     got = attacks.autoattack(model, x, y, eps=eps, batch_size=16, seed=0)
     assert torch.equal(got, exact)
+    assert torch.equal(attacks.autoattack(model, x, y, eps=eps, batch_size=16, n_examples=10), exact[:10])
     assert torch.equal(torch.get_rng_state(), rng_before)  # the library's reseeding does not leak out
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
     # PGD can never beat the exact worst case (untargeted CE may miss the weakest of 9 pairs: hence AutoAttack)
