@@ -160,7 +160,8 @@ def main(argv=None):
             seen += len(y)
             if main_rank:
                 utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
-        loss_sum, n_correct, seen = utils.reduce_sum(loss_sum, n_correct, seen, device=device)  # waits for the GPU
+        # the epoch's metrics, summed over ranks: the one host sync of the epoch (it waits for the GPU)
+        loss_sum, n_correct, seen = utils.reduce_sum(loss_sum, n_correct, seen, device=device)
         train_time = time.time() - t0
         sched.step()
 

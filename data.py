@@ -12,6 +12,7 @@ import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 DATASETS = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "synthetic")
@@ -93,7 +94,7 @@ def _tiny_imagenet(root, download):
         for split, items in (("train", train), ("test", val)):
             arrays[split + "_x"] = np.stack([read(p) for p, _ in items]).transpose(0, 3, 1, 2)
             arrays[split + "_y"] = np.array([c for _, c in items], dtype=np.int64)
-        tmp = cache + ".tmp"
+        tmp = f"{cache}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, cache)  # atomic: a killed decode leaves no half cache behind
@@ -122,12 +123,18 @@ def load(name, root="data", val_size=1000, device="cpu", download=True):
     and num_classes, pad (crop padding) and flip (whether horizontal flips are label-preserving)."""
     if name not in DATASETS:
         raise SystemExit(f"error: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    # several processes: rank 0 downloads / decodes first, the others then read what it wrote
+    shared = dist.is_initialized() and name != "synthetic"
+    if shared and dist.get_rank() != 0:
+        dist.barrier()
     if name == "tiny_imagenet":
         tx, ty, sx, sy = _tiny_imagenet(root, download)
     elif name == "synthetic":
         tx, ty, sx, sy = _synthetic()
     else:
         tx, ty, sx, sy = _torchvision(name, root, download)
+    if shared and dist.get_rank() == 0:
+        dist.barrier()
     if not 0 <= val_size < len(tx):
         raise SystemExit(f"error: --val-size {val_size} must be in [0, {len(tx)}) for {name}")
     # The validation split does not depend on the run's seed: every run and method validates on the same images.

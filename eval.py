@@ -127,7 +127,8 @@ def main(argv=None):
         n = min(args.n_examples, len(ds["test_x"]))
         x, y = ds["test_x"][:n], ds["test_y"][:n]
         torch.manual_seed(args.seed)
-        print(f"{path}: {info['arch']} ({info.get('method', 'state dict')}, {info.get('weights', args.weights)} weights, "
+        weights = info.get("weights", args.weights)
+        print(f"{path}: {info['arch']} ({info.get('method', 'state dict')}, {weights} weights, "
               f"epoch {info.get('epoch', '?')}), {info['dataset']} test, first {n} images")
         results = evaluate(model, x, y, args)
         for r in results.values():
@@ -140,7 +141,8 @@ def main(argv=None):
             print(f"  low-pass k x k   clean %    PGD %   ({pgd_name}, crafted on unfiltered images)")
             for k, (c, r) in lp.items():
                 print(f"  k = {k:<12} {c:7.2f}  {r:7.2f}")
-            record["lowpass"] = dict(attack=pgd_name, accuracy={str(k): dict(clean=c, pgd=r) for k, (c, r) in lp.items()})
+            accuracy = {str(k): dict(clean=c, pgd=r) for k, (c, r) in lp.items()}
+            record["lowpass"] = dict(attack=pgd_name, accuracy=accuracy)
         if args.spectrum:
             spec, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
                                                         args.batch_size)

@@ -3,7 +3,7 @@
 Li and Spratling, "Improved adversarial training through adaptive instance-wise loss smoothing" (2023):
 PGD-AT + adversarial weight perturbation (AWP, Wu et al. 2020) + an instance-weighted logit-pairing term,
 
-    L = mean_i CE(f_{theta + gamma v}(x'_i), y_i) + (lambda / B) * sum_i w_i || f_{theta + gamma v}(x'_i) - f_theta(x_i) ||^2
+    L = mean_i CE(f_{theta+gamma v}(x'_i), y_i) + (lambda/B) sum_i w_i || f_{theta+gamma v}(x'_i) - f_theta(x_i) ||^2
 
 x' = PGD-10 without random start (train mode); v the AWP direction, per conv/linear kernel l:
 v_l = ||theta_l|| d_l / (||d_l|| + 1e-20), d_l the change of theta_l after one plain SGD step (lr eta = 0.01) of a
@@ -218,9 +218,10 @@ def main(argv=None):
             utils.trim_log(args.out, start_epoch)
             print(f"resumed {last_path} at epoch {start_epoch}")
     if main_rank:
-        print(f"iseat.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device} x {world}, "
-              f"train PGD-{args.steps} eps {eps * 255:g}/255 step {alpha * 255:g}/255 (no random start), amp={args.amp}, compile={args.compile}, "
-              f"wa={args.wa and args.wa_mode}, AWP gamma {args.awp_gamma}, lambda per stage {args.lam}")
+        print(f"iseat.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), "
+              f"{device} x {world}, train PGD-{args.steps} eps {eps * 255:g}/255 step {alpha * 255:g}/255 "
+              f"(no random start), amp={args.amp}, compile={args.compile}, wa={args.wa and args.wa_mode}, "
+              f"AWP gamma {args.awp_gamma}, lambda per stage {args.lam}")
 
     def validate(m):  # clean and PGD accuracy on the held-out split; model frozen in eval mode, fp32
         if args.val_size == 0 or not main_rank:
@@ -258,7 +259,8 @@ def main(argv=None):
             seen += len(y)
             if main_rank:
                 utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
-        loss_sum, n_correct, reg_sum, seen = utils.reduce_sum(loss_sum, n_correct, reg_sum, seen, device=device)  # waits for the GPU
+        # the epoch's metrics, summed over ranks: the one host sync of the epoch (it waits for the GPU)
+        loss_sum, n_correct, reg_sum, seen = utils.reduce_sum(loss_sum, n_correct, reg_sum, seen, device=device)
         train_time = time.time() - t0
         sched.step()
 
@@ -297,7 +299,8 @@ def main(argv=None):
     if args.bench:
         if main_rank:
             gflop = utils.forward_gflops(model, ds["train_x"][:2].float() / 255)
-            passes = 2 * args.steps + 3 + 3 * (max(args.lam) > 0) + 3 * (args.awp_gamma > 0)  # forward-equivalents per image: PGD 2 each; adversarial, clean and proxy passes 3 each
+            # forward-equivalents per image: PGD steps 2 each; adversarial, clean and proxy passes 3 each
+            passes = 2 * args.steps + 3 + 3 * (max(args.lam) > 0) + 3 * (args.awp_gamma > 0)
             print(f"benchmark: {rec['img_per_s']:.1f} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
                   f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
                   f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved")

@@ -9,7 +9,6 @@ Parameter names follow the published checkpoints of each architecture, so their 
                    of TRADES checkpoints is dropped on load (see utils.clean_state_dict)
   cnn              a small CNN for quick CPU runs and tests
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

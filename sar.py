@@ -190,7 +190,8 @@ def main(argv=None):
             seen += len(y)
             if main_rank:
                 utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
-        loss_sum, n_correct, sar_sum, seen = utils.reduce_sum(loss_sum, n_correct, sar_sum, seen, device=device)  # waits for the GPU
+        # the epoch's metrics, summed over ranks: the one host sync of the epoch (it waits for the GPU)
+        loss_sum, n_correct, sar_sum, seen = utils.reduce_sum(loss_sum, n_correct, sar_sum, seen, device=device)
         train_time = time.time() - t0
         sched.step()
 
@@ -229,7 +230,7 @@ def main(argv=None):
     if args.bench:
         if main_rank:
             gflop = utils.forward_gflops(model, ds["train_x"][:2].float() / 255)
-            passes = 2 * args.steps + 6  # forward-equivalents per image: PGD steps 2 each, adversarial and clean training passes 3 each
+            passes = 2 * args.steps + 6  # forward-equivalents per image: PGD steps 2 each, two training passes 3 each
             print(f"benchmark: {rec['img_per_s']:.1f} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
                   f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
                   f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved")

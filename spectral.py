@@ -90,7 +90,8 @@ def plot_spectra(named, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, cax=axes[n])
-    fig.suptitle("mean amplitude |fftshift(FFT2(x' - x))| of PGD perturbations (zero frequency at the centre)", fontsize=9)
+    fig.suptitle("mean amplitude |fftshift(FFT2(x' - x))| of PGD perturbations (zero frequency at the centre)",
+                 fontsize=9)
     for label, _, prof in named:
         axes[n + 1].semilogy(prof.numpy(), label=label)
     axes[n + 1].yaxis.tick_right()  # clear of the colour bar's labels

@@ -456,49 +456,52 @@ def assert_same_run(a, b):
     assert a["wa_n"] == b["wa_n"] and a["best"] == b["best"]
 
 
+def kill_and_resume(root, out, monkeypatch, owner, name, dying):
+    """Runs at.py with owner.name replaced by dying(real), which raises KeyboardInterrupt somewhere in epoch 3;
+    then resumes with the real one."""
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, dying(real))
+    with pytest.raises(KeyboardInterrupt):
+        at.main(at_args(root, out, "--wa"))
+    monkeypatch.setattr(owner, name, real)
+    assert final_state(out)["epoch"] == 2
+    at.main(at_args(root, out, "--wa", "--resume"))
+
+
 def test_resume_after_kill_equals_uninterrupted_run(cifar, tmp_path, monkeypatch):
     root, _ = cifar
     ref = tmp_path / "ref"
     at.main(at_args(root, ref, "--wa"))
     ref_log = [json.loads(line) for line in open(ref / "log.jsonl")]
 
-    # killed in the middle of the third epoch (the 4th PGD call after two epochs of 5 batches + validation)
-    real_pgd, calls = attacks.pgd, {"n": 0}
+    def dying_pgd(real):
+        # killed in the middle of the third epoch: the 19th PGD call is the 5th batch of epoch 3, after two epochs
+        # of 5 training batches and 2 validation calls (raw and averaged model) each
+        calls = []
 
-    def dying_pgd(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 19:
-            raise KeyboardInterrupt
-        return real_pgd(*a, **k)
+        def pgd(*a, **k):
+            calls.append(1)
+            if len(calls) == 19:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return pgd
 
-    out = tmp_path / "killed"
-    monkeypatch.setattr(attacks, "pgd", dying_pgd)
-    with pytest.raises(KeyboardInterrupt):
-        at.main(at_args(root, out, "--wa"))
-    monkeypatch.setattr(attacks, "pgd", real_pgd)
-    assert final_state(out)["epoch"] == 2
-    at.main(at_args(root, out, "--wa", "--resume"))
-    assert_same_run(final_state(ref), final_state(out))
-    assert [json.loads(line) for line in open(out / "log.jsonl")][-1]["val_pgd"] == ref_log[-1]["val_pgd"]
-    assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+    kill_and_resume(root, tmp_path / "killed", monkeypatch, attacks, "pgd", dying_pgd)
+    assert_same_run(final_state(ref), final_state(tmp_path / "killed"))
+    log = [json.loads(line) for line in open(tmp_path / "killed" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and log[-1]["val_pgd"] == ref_log[-1]["val_pgd"]
 
-    # killed while writing last.pt at the end of epoch 3: the old last.pt survives intact
-    out2 = tmp_path / "killed_in_save"
-    real_save = torch.save
+    def dying_save(real):
+        # killed while writing last.pt at the end of epoch 3: the old last.pt survives intact
+        def save(obj, f, *a, **k):
+            if isinstance(obj, dict) and obj.get("epoch") == 3 and "optimizer" in obj:
+                f.write(b"partial")
+                raise KeyboardInterrupt
+            return real(obj, f, *a, **k)
+        return save
 
-    def dying_save(obj, f, *a, **k):
-        if isinstance(obj, dict) and obj.get("epoch") == 3 and "optimizer" in obj:
-            f.write(b"partial")
-            raise KeyboardInterrupt
-        return real_save(obj, f, *a, **k)
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        at.main(at_args(root, out2, "--wa"))
-    monkeypatch.setattr(torch, "save", real_save)
-    assert final_state(out2)["epoch"] == 2
-    at.main(at_args(root, out2, "--wa", "--resume"))
-    assert_same_run(final_state(ref), final_state(out2))
+    kill_and_resume(root, tmp_path / "killed_in_save", monkeypatch, torch, "save", dying_save)
+    assert_same_run(final_state(ref), final_state(tmp_path / "killed_in_save"))
 
 
 def test_amp_training_runs(cifar, tmp_path):
@@ -575,19 +578,19 @@ import spectral  # noqa: E402
 
 
 def slow_dft(z, axes):
-    """Explicit DFT sums: F[k, l] = sum_b sum_c z[b, c] exp(-2 pi i (k b / B + l c / C)) over the chosen axes."""
+    """Explicit DFT sums: F[k, m] = sum_b sum_c z[b, c] exp(-2 pi i (k b / B + m c / C)) over the chosen axes."""
     B, C = z.shape
     out = torch.zeros(B, C, dtype=torch.complex128)
     for k in range(B):
-        for l in range(C):
+        for m in range(C):
             s = 0
             for b in range(B):
                 for c in range(C):
                     if axes == "batch_class":
-                        s += z[b, c].item() * np.exp(-2j * np.pi * (k * b / B + l * c / C))
+                        s += z[b, c].item() * np.exp(-2j * np.pi * (k * b / B + m * c / C))
                     elif b == k:  # class axis only, per sample
-                        s += z[b, c].item() * np.exp(-2j * np.pi * l * c / C)
-            out[k, l] = s
+                        s += z[b, c].item() * np.exp(-2j * np.pi * m * c / C)
+            out[k, m] = s
     return out
 
 
@@ -803,13 +806,21 @@ if os.environ.get("NO_BN"):  # a model without batch statistics, for the single-
         m.bn1, m.bn2 = nn.Identity(), nn.Identity()
         return m
     models.get_model = no_bn
+if os.environ.get("CIFAR_ROOT"):  # synthetic CIFAR-10 files: their own checksums, as in the in-process tests
+    import hashlib
+    import torchvision.datasets as tvd
+    folder = os.path.join(os.environ["CIFAR_ROOT"], tvd.CIFAR10.base_folder)
+    md5 = lambda n: hashlib.md5(open(os.path.join(folder, n), "rb").read()).hexdigest()
+    tvd.CIFAR10.train_list = [[n, md5(n)] for n, _ in tvd.CIFAR10.train_list]
+    tvd.CIFAR10.test_list = [[n, md5(n)] for n, _ in tvd.CIFAR10.test_list]
+    tvd.CIFAR10.meta = dict(tvd.CIFAR10.meta, md5=md5(tvd.CIFAR10.meta["filename"]))
 model, avg = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
 torch.save({{"model": model.state_dict(), "wa": avg.module.state_dict() if avg is not None else None}},
            os.path.join(os.environ["STATE_DIR"], "rank%s.pt" % os.environ.get("RANK", "single")))
 '''
 
 
-def launch(tmp_path, method, args, nproc=2, no_bn=False):
+def launch(tmp_path, method, args, nproc=2, no_bn=False, cifar_root=None):
     """Runs METHOD.main(args) under torchrun (nproc processes) or plainly (nproc 0); returns {rank: state}."""
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER.format(repo=os.path.dirname(os.path.abspath(__file__))))
@@ -819,6 +830,8 @@ def launch(tmp_path, method, args, nproc=2, no_bn=False):
     env.pop("WORLD_SIZE", None)
     if no_bn:
         env["NO_BN"] = "1"
+    if cifar_root:
+        env["CIFAR_ROOT"] = cifar_root
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                               if nproc else []) + [str(script), method] + args
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -842,8 +855,11 @@ DDP_ARGS = ["--dataset", "synthetic", "--arch", "cnn", "--max-batches", "3", "--
 
 
 @pytest.mark.parametrize("method", ["at", "sar", "iseat"])
-def test_torchrun_ranks_end_with_the_same_weights(tmp_path, method):
-    states, out = launch(tmp_path, method, DDP_ARGS + ["--epochs", "2", "--wa", "--out", str(tmp_path / "run")])
+def test_torchrun_ranks_end_with_the_same_weights(cifar, tmp_path, method):
+    args = DDP_ARGS + ["--epochs", "2", "--wa", "--out", str(tmp_path / "run")]
+    if method == "at":  # files on disk: rank 0 reads (or downloads) first, the others wait for it
+        args += ["--dataset", "cifar10", "--data-dir", cifar[0]]
+    states, out = launch(tmp_path, method, args, cifar_root=cifar[0])
     assert set(states) == {"0", "1"}
     assert_close_states(states["0"], states["1"])  # bitwise: gradients, AWP direction and buffers are shared
     assert out.count("epoch 2 |") == 1  # only rank 0 prints and logs
@@ -861,7 +877,8 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path):
     # resume under torchrun: 2 + 1 epochs equal 3 epochs straight
     straight, _ = launch(tmp_path, "at", DDP_ARGS + ["--epochs", "3", "--wa", "--out", str(tmp_path / "s")])
     launch(tmp_path, "at", DDP_ARGS + ["--epochs", "2", "--wa", "--out", str(tmp_path / "r")])
-    resumed, out = launch(tmp_path, "at", DDP_ARGS + ["--epochs", "3", "--wa", "--resume", "--out", str(tmp_path / "r")])
+    resumed, out = launch(tmp_path, "at", DDP_ARGS + ["--epochs", "3", "--wa", "--resume",
+                                                      "--out", str(tmp_path / "r")])
     assert "resumed" in out
     assert_close_states(straight["0"], resumed["0"])
     assert_close_states(resumed["0"], resumed["1"])
