@@ -135,4 +135,5 @@ def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1):
     if name == "aa":
         return f"AutoAttack standard ({norm}, eps {e})"
     a = f"{alpha * 255:.4g}/255" if norm == "Linf" else f"{alpha:.4g}"
-    return f"{name.upper()}-{steps} ({norm}, eps {e}, step {a}, random start, {restarts} restart)"
+    r = f"{restarts} restart" + ("s" if restarts > 1 else "")
+    return f"{name.upper()}-{steps} ({norm}, eps {e}, step {a}, random start, {r})"
