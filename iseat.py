@@ -14,7 +14,8 @@ point and the perturbation is then removed (as in the authors' AWP code). lambda
 first milestone, 0.1 after (--lam 0 0.1), so the first stage is exactly AT-AWP.
 Where the code differs in form, not in result, from the authors': the adversarial forward at theta + gamma v is
 taken out of place (torch.func.functional_call), so the clean forward at theta serves as the unperturbed branch:
-no copy of the model is made per batch and no third forward is needed.
+no copy of the model is made per batch and no third forward is needed. While lambda is 0 the clean forward is
+skipped (its only effect would be on BatchNorm's running statistics), so that stage is exactly AT-AWP.
 Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is AT-AWP.
 
     python iseat.py                      # PreActResNet-18, CIFAR-10, 200 epochs, lr x0.1 at 100 and 150

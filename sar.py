@@ -1,6 +1,6 @@
 """SAR: PGD-AT + spectral alignment regularisation.
 
-Huang, Lin, Tao, Wong, "Spectral alignment regularisation for adversarial training" (2023). The regulariser keeps
+Spectral alignment regularisation, Huang, Lin, Tao and Wong (2023). The regulariser keeps
 the Fourier spectrum of an adversarial batch's logits close to that of its clean batch:
 
     L = CE(Z', y) + lambda * mean | F(Z') - F(Z) |,     Z' = f(x'), Z = f(x),  x' = PGD-10(f, x, y)
