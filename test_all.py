@@ -364,6 +364,12 @@ def test_tiny_imagenet_layout_is_read_and_cached(tmp_path):
     assert os.path.exists(os.path.join(base, "uint8_cache.npz"))
     os.remove(os.path.join(base, "val", "images", "val_0.JPEG"))
     assert torch.equal(data.load("tiny_imagenet", str(tmp_path), val_size=2)["test_x"], ds["test_x"])
+    # 64-px training (crop padding 8) and evaluation run end to end
+    out = tmp_path / "run"
+    at.main(["--dataset", "tiny_imagenet", "--data-dir", str(tmp_path), "--arch", "cnn", "--epochs", "1",
+             "--batch-size", "4", "--val-size", "2", "--steps", "2", "--out", str(out)])
+    res = evaluate.main([str(out / "last.pt"), "--attacks", "clean", "pgd", "--pgd-steps", "2"])
+    assert res[str(out / "last.pt")]["n_examples"] == 6
 
 
 # ---------------------------------------------------------------- models
