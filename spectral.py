@@ -33,17 +33,22 @@ def lowpass(x, k):
     return torch.fft.ifft2(torch.fft.fft2(x.float()) * mask).real
 
 
-def lowpass_accuracy(model, x, y, ks, eps, alpha, steps=20, batch_size=500):
-    """{k: (clean accuracy %, PGD accuracy %)} with the filter applied before the model, PGD crafted unfiltered."""
-    hits = {k: [0, 0] for k in ks}
+def _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
+    """(clean batch, labels, PGD batch) over uint8 images x, the model frozen in eval mode."""
     with attacks.frozen(model):
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
-            xa = attacks.pgd(model, xb, yb, eps, alpha, steps, random_start=True)
-            with torch.no_grad():
-                for k in ks:
-                    hits[k][0] += (model(lowpass(xb, k)).argmax(1) == yb).sum().item()
-                    hits[k][1] += (model(lowpass(xa, k)).argmax(1) == yb).sum().item()
+            yield xb, yb, attacks.pgd(model, xb, yb, eps, alpha, steps, random_start=True)
+
+
+def lowpass_accuracy(model, x, y, ks, eps, alpha, steps=20, batch_size=500):
+    """{k: (clean accuracy %, PGD accuracy %)} with the filter applied before the model, PGD crafted unfiltered."""
+    hits = {k: [0, 0] for k in ks}
+    for xb, yb, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
+        with torch.no_grad():
+            for k in ks:
+                hits[k][0] += (model(lowpass(xb, k)).argmax(1) == yb).sum().item()
+                hits[k][1] += (model(lowpass(xa, k)).argmax(1) == yb).sum().item()
     return {k: (100 * c / len(x), 100 * r / len(x)) for k, (c, r) in hits.items()}
 
 
@@ -62,14 +67,10 @@ def radial_profile(spec):
 
 
 def perturbation_spectrum(model, x, y, eps, alpha, steps=20, batch_size=500):
-    total, n = 0, 0
-    with attacks.frozen(model):
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
-            xa = attacks.pgd(model, xb, yb, eps, alpha, steps, random_start=True)
-            total = total + amplitude_spectrum(xa - xb) * len(xb)
-            n += len(xb)
-    spec = (total / n).cpu()
+    total = 0
+    for xb, _, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
+        total = total + amplitude_spectrum(xa - xb) * len(xb)
+    spec = (total / len(x)).cpu()
     return spec, radial_profile(spec)
 
 
