@@ -56,9 +56,9 @@ def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, lo
     return (x + delta).detach()
 
 
-def fgsm(model, x, y, eps=8 / 255):
-    """FGSM (Goodfellow et al. 2015): one step of size eps from x."""
-    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False)
+def fgsm(model, x, y, eps=8 / 255, norm="Linf"):
+    """FGSM (Goodfellow et al. 2015): one step of size eps from x (L2: along the normalised gradient)."""
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False, norm=norm)
 
 
 @contextlib.contextmanager
@@ -127,13 +127,22 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
     return result
 
 
+def radius(v, norm="Linf"):
+    """8/255 as '8/255', other L-inf radii and steps (0.1, 0.031) as plain numbers; L2 radii as numbers."""
+    if norm == "Linf" and abs(v * 255 - round(v * 255)) < 1e-6 and v > 0:
+        return f"{round(v * 255)}/255"
+    return f"{v:.4g}"
+
+
 def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1):
     """The attack's settings, printed beside every number it produces."""
-    e = f"{eps * 255:.4g}/255" if norm == "Linf" else f"{eps:.4g}"
+    e = radius(eps, norm)
     if name == "clean":
         return "clean"
     if name == "aa":
         return f"AutoAttack standard ({norm}, eps {e})"
-    a = f"{alpha * 255:.4g}/255" if norm == "Linf" else f"{alpha:.4g}"
+    if name == "fgsm":
+        return f"FGSM ({norm}, eps {e}, one step of size eps, no random start)"
+    a = radius(alpha, norm)
     r = f"{restarts} restart" + ("s" if restarts > 1 else "")
     return f"{name.upper()}-{steps} ({norm}, eps {e}, step {a}, random start, {r})"

@@ -1,11 +1,18 @@
 """Data sets as uint8 tensors resident on the training device, and batches made there.
 
-load() reads a data set once (torchvision downloads and parses CIFAR-10/100 and SVHN; Tiny ImageNet is read from
-its official zip layout and decoded once into a cached uint8 array), splits a fixed-seed validation set off the
-training set, and puts everything on the device. batches() shuffles, augments (per-sample random crop with zero
-padding + horizontal flip, done in batch on the device) and converts to float in [0, 1] there: no DataLoader,
-no host-device copies in the training loop.
+load() reads a data set once (torchvision downloads and parses CIFAR-10/100 and SVHN; MNIST and Fashion-MNIST are
+read from their four IDX files, gzipped or not, downloaded by torchvision only when absent; Tiny ImageNet is read
+from its official zip layout and decoded once into a cached uint8 array), splits a fixed-seed validation set off the
+training set, and puts everything on the device. batches() shuffles, augments (per-sample random crop with zero or
+reflect padding, horizontal flip where it preserves the label, optional random rotation; done in batch on the
+device) and converts to float in [0, 1] there: no DataLoader, no host-device copies in the training loop.
+
+Augmentation per data set: random crop with padding 4 (2 for 28-px MNIST and Fashion-MNIST, 8 for 64-px Tiny
+ImageNet), plus a horizontal flip except for SVHN and MNIST (digits are not mirror-symmetric). Grey images stay
+1-channel.
 """
+import functools
+import gzip
 import math
 import os
 import zipfile
@@ -15,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-DATASETS = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "synthetic")
+DATASETS = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist", "fashion_mnist", "synthetic")
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 SOURCES = {  # what a user must put in --data-dir when it cannot be downloaded
@@ -23,7 +30,15 @@ SOURCES = {  # what a user must put in --data-dir when it cannot be downloaded
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "svhn": "http://ufldl.stanford.edu/housenumbers/{train,test}_32x32.mat",
     "tiny_imagenet": TINY_URL,
+    "mnist": "the four MNIST IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+             "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz])",
+    "fashion_mnist": "the four Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...; Debian's "
+                     "dataset-fashion-mnist package puts them in /usr/share/datasets/fashion-mnist)",
 }
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The first ten training labels of the official files: MNIST and Fashion-MNIST use the same file names, so this is how
+# a folder of one is told from the other (a run must not train on Fashion-MNIST under the name mnist).
+FIRST_LABELS = {"mnist": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], "fashion_mnist": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]}
 
 
 def _missing(name, root, err):
@@ -53,6 +68,67 @@ def _torchvision(name, root, download):
             x, y = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets)
         out += [x.contiguous(), y.long()]
     return out
+
+
+def read_idx(path):
+    """An IDX file (the MNIST format): two zero bytes, the type code 0x08 (unsigned bytes), the number of dimensions
+    n, n big-endian int32 sizes, then the data. Gzip-compressed files (magic 1f 8b) are read as well; checksums are
+    not required, so recompressed copies (Debian's) are accepted."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise SystemExit(f"error: {path} is a damaged gzip file ({e}); replace it with an intact copy") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
+        raise SystemExit(f"error: {path} is not an IDX file of unsigned bytes; replace it with an intact copy")
+    nd = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(nd))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * nd)
+    if body.size != math.prod(dims):
+        raise SystemExit(f"error: {path} holds {body.size} bytes where its header promises {math.prod(dims)} "
+                         f"(truncated?); replace it with an intact copy")
+    return body.reshape(dims)
+
+
+def _find_idx(root, folder):
+    """The four IDX files in `root` itself (e.g. /usr/share/datasets/fashion-mnist) or in torchvision's layout
+    root/<MNIST|FashionMNIST>/raw; plain or .gz. Returns their paths, or None when one is missing."""
+    for d in (root, os.path.join(root, folder, "raw")):
+        found = []
+        for name in IDX_NAMES:
+            hits = [p for p in (os.path.join(d, name), os.path.join(d, name + ".gz")) if os.path.isfile(p)]
+            found.append(hits[0] if hits else None)
+        if all(found):
+            return found
+    return None
+
+
+def _idx_dataset(name, root, download):
+    folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
+    paths = _find_idx(root, folder)
+    if paths is None:
+        if not download:
+            raise _missing(name, root, "download disabled")
+        import torchvision.datasets as tvd
+        try:
+            getattr(tvd, folder)(root, train=True, download=True)
+        except Exception as e:
+            raise _missing(name, root, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+        paths = _find_idx(root, folder)
+        if paths is None:
+            raise _missing(name, root, "the download did not produce the four IDX files")
+    tx, ty, sx, sy = (read_idx(p) for p in paths)
+    if tx.ndim != 3 or ty.ndim != 1 or len(tx) != len(ty) or sx.ndim != 3 or len(sx) != len(sy):
+        raise SystemExit(f"error: the IDX files in {os.path.dirname(paths[0])} do not hold N x H x W images and N "
+                         f"labels; replace them with the official files")
+    other = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}[name]
+    if ty[:10].tolist() == FIRST_LABELS[other]:
+        raise SystemExit(f"error: the files in {os.path.dirname(paths[0])} are {other}, not {name}; pass --dataset "
+                         f"{other} or point --data-dir at the {name} files")
+    return [torch.from_numpy(tx.copy())[:, None], torch.from_numpy(ty.astype(np.int64)),
+            torch.from_numpy(sx.copy())[:, None], torch.from_numpy(sy.astype(np.int64))]
 
 
 def _tiny_imagenet(root, download):
@@ -102,6 +178,7 @@ def _tiny_imagenet(root, download):
         return [torch.from_numpy(np.ascontiguousarray(z[k])) for k in ("train_x", "train_y", "test_x", "test_y")]
 
 
+@functools.lru_cache(maxsize=1)  # bench.py builds it once for all its configurations
 def _synthetic(n_train=50000, n_test=10000, classes=10, size=32, seed=0):
     """CIFAR-shaped learnable stand-in, for benchmarks and tests: each class is a smooth colour pattern (4x4 random
     values upsampled, so most energy sits at low frequencies as in natural images), each image 3/4 its class's
@@ -117,10 +194,15 @@ def _synthetic(n_train=50000, n_test=10000, classes=10, size=32, seed=0):
     return out
 
 
-def load(name, root="data", val_size=1000, device="cpu", download=True):
+NUM_CLASSES = {"cifar100": 100, "tiny_imagenet": 200}  # 10 for the others
+CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # 3 for the others
+
+
+def load(name, root="data", val_size=1000, device="cpu", download=True, pad_mode="zero", rotate=0.0):
     """Returns a dict of uint8 N,C,H,W images and int64 labels on `device`:
-    train_x/train_y, val_x/val_y (a fixed-seed split of the training set), test_x/test_y,
-    and num_classes, pad (crop padding) and flip (whether horizontal flips are label-preserving)."""
+    train_x/train_y, val_x/val_y (a fixed-seed split of the training set), test_x/test_y, num_classes, channels,
+    and `augment`, the training augmentation for batches(): crop padding (2 / 4 / 8 for 28 / 32 / 64-px images), its
+    mode (zero, or reflect), flip (whether horizontal flips preserve the label) and rotate (max degrees, 0 = none)."""
     if name not in DATASETS:
         raise SystemExit(f"error: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     # several processes: rank 0 downloads / decodes first, the others then read what it wrote
@@ -131,6 +213,8 @@ def load(name, root="data", val_size=1000, device="cpu", download=True):
         tx, ty, sx, sy = _tiny_imagenet(root, download)
     elif name == "synthetic":
         tx, ty, sx, sy = _synthetic()
+    elif name in ("mnist", "fashion_mnist"):
+        tx, ty, sx, sy = _idx_dataset(name, root, download)
     else:
         tx, ty, sx, sy = _torchvision(name, root, download)
     if shared and dist.get_rank() == 0:
@@ -140,52 +224,80 @@ def load(name, root="data", val_size=1000, device="cpu", download=True):
     # The validation split does not depend on the run's seed: every run and method validates on the same images.
     perm = torch.randperm(len(tx), generator=torch.Generator().manual_seed(0))
     val_idx, train_idx = perm[:val_size], perm[val_size:].sort().values
-    num_classes = {"cifar100": 100, "tiny_imagenet": 200}.get(name, 10)
     d = dict(train_x=tx[train_idx], train_y=ty[train_idx], val_x=tx[val_idx], val_y=ty[val_idx],
              test_x=sx, test_y=sy)
     d = {k: v.to(device) for k, v in d.items()}
-    d.update(num_classes=num_classes, pad=4 if tx.shape[-1] <= 32 else 8, flip=name != "svhn")
+    size = tx.shape[-1]
+    augment = dict(pad=2 if size <= 28 else 4 if size <= 32 else 8, pad_mode=pad_mode,
+                   flip=name not in ("svhn", "mnist"), rotate=rotate)
+    d.update(num_classes=NUM_CLASSES.get(name, 10), channels=tx.shape[1], augment=augment)
     return d
 
 
-def crop_flip(x, pad, oy, ox, flip):
-    """Per-sample crop of x (B,C,H,W) zero-padded by `pad`: sample i is padded[i, :, oy_i:oy_i+H, ox_i:ox_i+W],
-    then mirrored left-right where flip_i. Offsets are in [0, 2*pad]."""
+def crop_flip(x, pad, oy, ox, flip, pad_mode="zero"):
+    """Per-sample crop of x (B,C,H,W) padded by `pad`: sample i is padded[i, :, oy_i:oy_i+H, ox_i:ox_i+W], then
+    mirrored left-right where flip_i. Offsets are in [0, 2*pad]. pad_mode "zero" pads with 0 (torchvision's
+    RandomCrop(padding=pad)), "reflect" mirrors the border without repeating it (padding_mode="reflect").
+    Done by index arithmetic on the unpadded tensor, so it works for uint8 images and needs no padded copy."""
     B, C, H, W = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    rows = (oy[:, None] + torch.arange(H, device=x.device))[:, :, None]  # B,H,1
-    cols = ox[:, None] + torch.arange(W, device=x.device)  # B,W
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # B,1,W
+    rows = oy[:, None] + torch.arange(H, device=x.device) - pad  # B,H source rows (may fall outside 0..H-1)
+    cols = ox[:, None] + torch.arange(W, device=x.device) - pad  # B,W
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
     b = torch.arange(B, device=x.device)[:, None, None]
-    return padded[b, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: B,H,W,C -> B,C,H,W
+    if pad_mode == "reflect":
+        rows, cols = rows.abs(), cols.abs()
+        rows = torch.where(rows >= H, 2 * (H - 1) - rows, rows)
+        cols = torch.where(cols >= W, 2 * (W - 1) - cols, cols)
+        return x[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # B,H,W,C -> B,C,H,W
+    inside = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]  # B,H,W
+    out = x[b, :, rows.clamp(0, H - 1)[:, :, None], cols.clamp(0, W - 1)[:, None, :]]  # B,H,W,C
+    return out.masked_fill(~inside[..., None], 0).permute(0, 3, 1, 2)
 
 
-def random_crop_flip(x, pad, flip=True, generator=None):
+def rotate(x, degrees):
+    """Rotates each image x[i] (B,C,H,W) by degrees[i] about its centre, counter-clockwise, nearest-neighbour
+    sampling and zero fill: what torchvision's RandomRotation does with its defaults. Any dtype."""
+    B, C, H, W = x.shape
+    a = degrees.float() * (math.pi / 180)
+    cos, sin = torch.cos(a), torch.sin(a)
+    zero = torch.zeros_like(a)
+    # output pixel -> input pixel, in grid_sample's normalised coordinates (x right, y down; aspect kept)
+    theta = torch.stack([torch.stack([cos, -sin * H / W, zero], 1), torch.stack([sin * W / H, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, (B, C, H, W), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round().to(x.dtype) if not x.dtype.is_floating_point else out
+
+
+def random_augment(x, pad, flip=True, pad_mode="zero", rotate_deg=0.0, generator=None):
+    """Random crop (offsets uniform in [0, 2 pad]), flip (probability 1/2 where allowed) and rotation (uniform in
+    [-rotate_deg, rotate_deg]), all drawn per sample from `generator` on x's device."""
     B, kw = x.shape[0], dict(device=x.device, generator=generator)
     oy = torch.randint(0, 2 * pad + 1, (B,), **kw)
     ox = torch.randint(0, 2 * pad + 1, (B,), **kw)
     f = torch.rand(B, **kw) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
-    return crop_flip(x, pad, oy, ox, f)
+    x = crop_flip(x, pad, oy, ox, f, pad_mode)
+    if rotate_deg:
+        x = rotate(x, (torch.rand(B, **kw) * 2 - 1) * rotate_deg)
+    return x
 
 
-def batches(x, y, batch_size, shuffle=False, augment=False, pad=4, flip=True, seed=None, rank=0, world=1,
-            max_batches=None, memory_format=torch.contiguous_format):
-    """Yields (float images in [0,1], labels), all on x's device. With world > 1 every global batch of
-    `batch_size` is split across ranks and rank `rank` gets its part: the permutation and the augmentation are
-    drawn for the global batch from `seed`, so the data equal those of a single-process run."""
+def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, world=1, max_batches=None,
+            memory_format=torch.contiguous_format):
+    """Yields (float images in [0,1], labels), all on x's device. `augment`: None, or a data set's augmentation
+    settings (load()["augment"]). With world > 1 every global batch of `batch_size` is split across ranks and rank
+    `rank` gets its part: the permutation and the augmentation are drawn for the global batch from `seed`, so the
+    data equal those of a single-process run."""
     n = len(x)
     # with a seed, order and augmentation come from a generator of their own: they do not depend on how much
     # randomness the training step draws (PGD starts), so they are the same for any number of processes
     g = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
     idx = torch.randperm(n, device=x.device, generator=g) if shuffle else torch.arange(n, device=x.device)
-    nb = math.ceil(n / batch_size)
-    if max_batches is not None:
-        nb = min(nb, max_batches)
+    nb = num_batches(n, batch_size, max_batches)
     for i in range(nb):
         j = idx[i * batch_size:(i + 1) * batch_size]
         xb, yb = x[j], y[j]
         if augment:  # drawn for the whole global batch, identical on every rank and to a single-process run
-            xb = random_crop_flip(xb, pad, flip, g)
+            xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
         if world > 1:
             xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
         yield xb.float().div_(255).contiguous(memory_format=memory_format), yb

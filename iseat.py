@@ -16,7 +16,8 @@ Where the code differs in form, not in result, from the authors': the adversaria
 taken out of place (torch.func.functional_call), so the clean forward at theta serves as the unperturbed branch:
 no copy of the model is made per batch and no third forward is needed. While lambda is 0 the clean forward is
 skipped (its only effect would be on BatchNorm's running statistics), so that stage is exactly AT-AWP.
-Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is AT-AWP.
+Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is AT-AWP with ISEAT's gamma, and
+--lam 0 --awp-gamma 0.01 --random-start is AT-AWP as Wu et al. ran it.
 
     python iseat.py                      # PreActResNet-18, CIFAR-10, 200 epochs, lr x0.1 at 100 and 150
     python iseat.py --arch wrn34_10      # the authors' README configuration
@@ -25,7 +26,6 @@ Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is AT-A
 import argparse
 import os
 import shutil
-import tempfile
 import time
 
 import torch
@@ -51,16 +51,23 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
-    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number)")
+    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
     p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps in training and validation")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
+    p.add_argument("--val-steps", type=int, default=10, help="PGD steps of validation (Rice et al.: 10)")
     p.add_argument("--val-size", type=int, default=1000, help="held-out training images for choosing best.pt")
+    p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
+    p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
     p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
     p.add_argument("--wa-mode", default="ema", choices=["ema", "swa"])
     p.add_argument("--wa-decay", type=float, default=0.999)
     p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
+    p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"],
+                   help="images of SWA's BatchNorm recomputation (adversarial: PGD examples, for PGD-AT)")
     p.add_argument("--awp-gamma", type=float, default=7e-3, help="size of the weight perturbation (0: no AWP)")
     p.add_argument("--awp-eta", type=float, default=0.01, help="lr of the proxy's ascent step")
+    p.add_argument("--random-start", action="store_true",
+                   help="start the training PGD at a random point of the ball (Wu et al.'s AWP; ISEAT does not)")
     p.add_argument("--lam", type=float, nargs="+", default=[0.0, 0.1],
                    help="lambda per lr stage (before the first milestone, after it, ...); the last value repeats")
     p.add_argument("--out", default=None, help="output folder (default runs/iseat-DATASET-ARCH)")
@@ -72,11 +79,15 @@ def get_args(argv=None):
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
     p.add_argument("--bench", action="store_true",
                    help="measure images/s: 2 epochs of --max-batches (20) batches, no validation, nothing kept")
-    args = p.parse_args(argv)
+    args = utils.parse_args(p, argv)
     args.out = args.out or os.path.join("runs", f"iseat-{args.dataset}-{args.arch}")
-    if args.bench:  # the first epoch warms up (cudnn autotuning, compilation); the second is the measurement
-        args.epochs, args.max_batches, args.val_size = 2, args.max_batches or 20, 0
-        args.out, args.resume = tempfile.mkdtemp(prefix="bench-"), False
+    utils.check_train_args(args)
+    utils.require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
+    utils.require(args.awp_gamma >= 0, f"--awp-gamma {args.awp_gamma:g}: use a size >= 0 (0: no AWP)")
+    utils.require(args.awp_eta > 0, f"--awp-eta {args.awp_eta:g}: use a positive proxy step")
+    utils.require(all(v >= 0 for v in args.lam), f"--lam {' '.join(map(str, args.lam))}: use weights >= 0")
+    if args.bench:
+        utils.bench_settings(args)
         args.lam = [max(args.lam)]  # measure the method with its smoothing term on
     return args
 
@@ -131,7 +142,8 @@ def restore(model, v, gamma, saved):
             own[n].copy_(saved[n] + (own[n] - saved[n].add(d, alpha=gamma)))
 
 
-def train_step(model, proxy, opt, x, y, eps, alpha, steps, gamma, eta, lam, amp=False, fast=None, wrapped=None):
+def train_step(model, proxy, opt, x, y, eps, alpha, steps, gamma, eta, lam, amp=False, fast=None, wrapped=None,
+               random_start=False):
     """One ISEAT step; returns (loss, adversarial logits, weighted smoothing term), all detached.
     `fast` (default model) runs the clean forward and the attack, e.g. torch.compile(model); `wrapped` (default model)
     runs the adversarial forward, e.g. DistributedDataParallel(model)."""
@@ -141,8 +153,8 @@ def train_step(model, proxy, opt, x, y, eps, alpha, steps, gamma, eta, lam, amp=
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         # 1. clean forward at theta (train mode): the unperturbed branch of the smoothing term and CE_clean
         logits_clean = fast(x) if lam > 0 else None
-        # 2. PGD-10 without random start, network in train mode
-        x_adv = attacks.pgd(fast, x, y, eps, alpha, steps, random_start=False)
+        # 2. PGD-10 without random start (--random-start: Wu et al.'s AWP), network in train mode
+        x_adv = attacks.pgd(fast, x, y, eps, alpha, steps, random_start=random_start) if eps > 0 else x
         # 3. AWP direction from one ascent step of the proxy
         v = awp_diff(model, proxy, x_adv, y, eta) if gamma > 0 else {}
         # 4. adversarial forward at theta + gamma v, out of place so the clean graph at theta stays valid
@@ -172,65 +184,44 @@ def main(argv=None):
     args = get_args(argv)
     device, rank, world = utils.distributed_setup(args.device)  # world > 1 under torchrun
     main_rank = rank == 0  # only rank 0 prints, logs, validates and writes checkpoints
+    utils.require(args.batch_size >= world, f"--batch-size {args.batch_size} is smaller than the {world} processes")
     eps, alpha = args.eps, args.alpha
     torch.manual_seed(args.seed)  # the same on every rank: same initial weights, permutations, crops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
+    # ---- the output folder before any work: writable, no clobbering, resume only what can be resumed exactly
+    ck = utils.start_run(args, "iseat", main_rank)
+
     # ---- data: uint8 tensors on the device; a fixed-seed validation split of the training set
-    ds = data.load(args.dataset, args.data_dir, args.val_size, device)
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate)
     n_train = len(ds["train_x"])
     nb = data.num_batches(n_train, args.batch_size, args.max_batches)
 
     # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
-    model = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)
+    model = models.get_model(args.arch, ds["num_classes"], ds["channels"]).to(device, memory_format=mem)
     fast = torch.compile(model) if args.compile else model  # used for the attack and the clean forward
     # Several processes: the adversarial forward (at the perturbed weights) goes through DDP, which averages
     # gradients across ranks in backward; attack, proxy and clean forward run on the plain module.
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    proxy = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)  # made once, reused
+    proxy = models.get_model(args.arch, ds["num_classes"], ds["channels"]).to(device, memory_format=mem)  # reused
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
     avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
     wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
 
     # ---- resume: everything needed to continue exactly is in last.pt
-    os.makedirs(args.out, exist_ok=True)
-    last_path = os.path.join(args.out, "last.pt")
-    start_epoch, best, wa_best = 0, -1.0, -1.0
-    if os.path.exists(last_path) and not args.resume:
-        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it or --out for a new one")
-    if args.resume and os.path.exists(last_path):
-        ck = utils.load_checkpoint(last_path)
-        if (ck.get("arch"), ck.get("dataset"), ck.get("method")) != (args.arch, args.dataset, "iseat"):
-            raise SystemExit(f"error: {last_path} is a {ck.get('method')} run of {ck.get('arch')} on "
-                             f"{ck.get('dataset')}; resume it with the same method, --arch and --dataset")
-        utils.load_weights(model, ck["model"], last_path, args.arch)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if args.wa and ck.get("wa_model") is not None:
-            if ck["args"]["wa_mode"] != args.wa_mode:
-                raise SystemExit(f"error: {last_path} averages with --wa-mode {ck['args']['wa_mode']}; resume with it")
-            avg.module.load_state_dict(ck["wa_model"])
-            avg.n_averaged.fill_(ck["wa_n"])
-        start_epoch, best, wa_best = ck["epoch"], ck["best"], ck["wa_best"]
-        if main_rank:
-            utils.trim_log(args.out, start_epoch)
-            print(f"resumed {last_path} at epoch {start_epoch}")
+    start_epoch, best, wa_best = utils.resume(ck, args, model, opt, sched, avg, main_rank)
+    train_attack = attacks.describe("pgd", eps, args.steps, alpha) if eps > 0 else "natural training (no attack)"
+    if not args.random_start:
+        train_attack = train_attack.replace("random start", "no random start")
     if main_rank:
         print(f"iseat.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), "
-              f"{device} x {world}, train PGD-{args.steps} eps {eps * 255:g}/255 step {alpha * 255:g}/255 "
-              f"(no random start), amp={args.amp}, compile={args.compile}, wa={args.wa and args.wa_mode}, "
-              f"AWP gamma {args.awp_gamma}, lambda per stage {args.lam}")
-
-    def validate(m):  # clean and PGD accuracy on the held-out split; model frozen in eval mode, fp32
-        if args.val_size == 0 or not main_rank:
-            return None, None
-        clean = attacks.correct(m, ds["val_x"], ds["val_y"]).float().mean().item()
-        rob = attacks.correct(m, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=eps, alpha=alpha,
-                              steps=args.steps).float().mean().item()
-        return 100 * clean, 100 * rob
+              f"{device} x {world}, "
+              f"train {train_attack}, validation {'clean' if eps == 0 else f'clean + PGD-{args.val_steps}'}, "
+              f"amp={args.amp}, compile={args.compile}, wa={utils.describe_wa(args)}, AWP gamma {args.awp_gamma:g}, "
+              f"lambda per lr stage {args.lam}", flush=True)
 
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
@@ -239,20 +230,19 @@ def main(argv=None):
         model.train()
         lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
+        n_correct = torch.zeros((), device=device, dtype=torch.long)
         reg_sum = torch.zeros((), device=device)
         stage = sum(epoch >= m for m in args.milestones)  # lambda is set per lr stage
         lam = args.lam[min(stage, len(args.lam) - 1)]
-        n_correct = torch.zeros((), device=device, dtype=torch.long)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
         seen = 0
         for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
-                                                augment=True, pad=ds["pad"], flip=ds["flip"], seed=epoch_seed,
-                                                rank=rank, world=world,
+                                                augment=ds["augment"], seed=epoch_seed, rank=rank, world=world,
                                                 max_batches=args.max_batches, memory_format=mem)):
             loss, logits, reg = train_step(model, proxy, opt, x, y, eps, alpha, args.steps, args.awp_gamma,
-                                           args.awp_eta, lam, args.amp, fast, wrapped)
+                                           args.awp_eta, lam, args.amp, fast, wrapped, args.random_start)
             reg_sum += reg * len(y)
             wa.after_step(avg, model, args.wa_mode)
             loss_sum += loss.detach() * len(y)
@@ -266,49 +256,32 @@ def main(argv=None):
         sched.step()
 
         # ---- weight averaging at the end of the epoch (SWA update + BatchNorm recomputation)
-        bn_batches = lambda: data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=True,
-                                          pad=ds["pad"], flip=ds["flip"], memory_format=mem)
-        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches)
+        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, utils.bn_batches(ds, args, mem, model))
         # BatchNorm statistics drift apart per rank within an epoch: every rank keeps rank 0's
         utils.broadcast_buffers(model, avg.module if avg is not None else None)
-
-        # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
-        val_clean, val_pgd = validate(model)
-        wa_clean, wa_pgd = validate(avg.module) if wa_ready else (None, None)
-        rec = dict(epoch=epoch + 1, lr=lr, lam=lam, train_loss=loss_sum / seen, train_acc=100 * n_correct / seen,
-                   train_smooth=reg_sum / seen if lam > 0 else None,
-                   val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
-                   time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time)
         if not main_rank:
             continue
+
+        # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
+        val_clean, val_pgd = utils.validate(model, ds, eps, alpha, args.val_steps)
+        wa_clean, wa_pgd = utils.validate(avg.module, ds, eps, alpha, args.val_steps) if wa_ready else (None, None)
+        rec = utils.tidy(dict(epoch=epoch + 1, lr=lr, lam=lam, train_loss=loss_sum / seen,
+                              train_acc=100 * n_correct / seen, train_smooth=reg_sum / seen if lam > 0 else None,
+                              val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
+                              time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time))
         utils.log_epoch(args.out, rec)
 
         # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
-        meta = dict(format=utils.CKPT_FORMAT, method="iseat", arch=args.arch, dataset=args.dataset,
-                    num_classes=ds["num_classes"], epoch=epoch + 1, args=vars(args), metrics=rec)
-        if val_pgd is not None and val_pgd > best:
-            best = val_pgd
-            utils.save_checkpoint(dict(meta, model=model.state_dict()), os.path.join(args.out, "best.pt"))
-        if wa_pgd is not None and wa_pgd > wa_best:
-            wa_best = wa_pgd
-            utils.save_checkpoint(dict(meta, model=avg.module.state_dict(), weights="wa"),
-                                  os.path.join(args.out, "wa_best.pt"))
-        utils.save_checkpoint(dict(meta, model=model.state_dict(), optimizer=opt.state_dict(),
-                                   scheduler=sched.state_dict(), best=best, wa_best=wa_best,
-                                   wa_model=avg.module.state_dict() if avg is not None else None,
-                                   wa_n=int(avg.n_averaged) if avg is not None else 0), last_path)
+        info = utils.meta(args, "iseat", ds, epoch + 1, rec)
+        best, wa_best = utils.save_epoch(args, info, model, opt, sched, avg, best, wa_best)
     if args.bench:
-        if main_rank:
-            gflop = utils.forward_gflops(model, ds["train_x"][:2].float() / 255)
-            # forward-equivalents per image: PGD steps 2 each; adversarial, clean and proxy passes 3 each
-            passes = 2 * args.steps + 3 + 3 * (max(args.lam) > 0) + 3 * (args.awp_gamma > 0)
-            print(f"benchmark: {rec['img_per_s']:.1f} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
-                  f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
-                  f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved")
+        if main_rank:  # forward-equivalents per image: PGD steps 2 each; adversarial, clean and proxy passes 3 each
+            passes = 2 * args.steps * (eps > 0) + 3 + 3 * (max(args.lam) > 0) + 3 * (args.awp_gamma > 0)
+            utils.bench_report(args, model, ds, rec, world, passes)
         shutil.rmtree(args.out, ignore_errors=True)
     utils.distributed_cleanup()
     return model, avg
 
 
 if __name__ == "__main__":
-    main()
+    utils.cli(main)

@@ -11,7 +11,8 @@ over all 2*B*C numbers; lambda = 0.1. Choices that follow the authors' released 
     class axis alone is offered as --sar-fft class (its scale is ~12x smaller: retune lambda);
   - the PGD attack runs with the network in eval mode, training forwards in train mode; two separate forwards
     (BatchNorm sees each batch alone), gradients through both, no clean CE term;
-  - --sar-start-epoch (default 0; the released code used 75, the first lr decay).
+  - --sar-start-epoch (default 0; the released code used 75, the first lr decay);
+  - best.pt is chosen on validation PGD-20 (--val-steps 20), the released code's main criterion.
 Schedule of the paper: 100 epochs, lr x0.1 at 75 and 90, 5,000 validation images; the paper's network is
 WRN-34-10 (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --wa (SWA from the first milestone).
 
@@ -23,7 +24,6 @@ WRN-34-10 (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --
 import argparse
 import os
 import shutil
-import tempfile
 import time
 
 import torch
@@ -47,14 +47,19 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
-    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number)")
+    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
     p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps in training and validation")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
+    p.add_argument("--val-steps", type=int, default=20, help="PGD steps of validation (the released code: 20)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out training images for choosing best.pt")
+    p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
+    p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
     p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
     p.add_argument("--wa-mode", default="swa", choices=["ema", "swa"])
     p.add_argument("--wa-decay", type=float, default=0.999)
     p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
+    p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"],
+                   help="images of SWA's BatchNorm recomputation (adversarial: PGD examples, for PGD-AT)")
     p.add_argument("--sar-lambda", type=float, default=0.1, help="weight of the spectral alignment term")
     p.add_argument("--sar-start-epoch", type=int, default=0, help="first epoch (0-based) with the term on")
     p.add_argument("--sar-fft", default="batch_class", choices=["batch_class", "class"],
@@ -68,11 +73,14 @@ def get_args(argv=None):
     p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
     p.add_argument("--bench", action="store_true",
                    help="measure images/s: 2 epochs of --max-batches (20) batches, no validation, nothing kept")
-    args = p.parse_args(argv)
+    args = utils.parse_args(p, argv)
     args.out = args.out or os.path.join("runs", f"sar-{args.dataset}-{args.arch}")
-    if args.bench:  # the first epoch warms up (cudnn autotuning, compilation); the second is the measurement
-        args.epochs, args.max_batches, args.val_size = 2, args.max_batches or 20, 0
-        args.out, args.resume = tempfile.mkdtemp(prefix="bench-"), False
+    utils.check_train_args(args)
+    utils.require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
+    utils.require(args.sar_lambda >= 0, f"--sar-lambda {args.sar_lambda:g}: use a weight >= 0")
+    utils.require(args.sar_start_epoch >= 0, f"--sar-start-epoch {args.sar_start_epoch}: use an epoch >= 0")
+    if args.bench:
+        utils.bench_settings(args)
         args.sar_start_epoch = 0  # measure the method with its term on
     return args
 
@@ -91,19 +99,23 @@ def main(argv=None):
     args = get_args(argv)
     device, rank, world = utils.distributed_setup(args.device)  # world > 1 under torchrun
     main_rank = rank == 0  # only rank 0 prints, logs, validates and writes checkpoints
+    utils.require(args.batch_size >= world, f"--batch-size {args.batch_size} is smaller than the {world} processes")
     eps, alpha = args.eps, args.alpha
     torch.manual_seed(args.seed)  # the same on every rank: same initial weights, permutations, crops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
+    # ---- the output folder before any work: writable, no clobbering, resume only what can be resumed exactly
+    ck = utils.start_run(args, "sar", main_rank)
+
     # ---- data: uint8 tensors on the device; a fixed-seed validation split of the training set
-    ds = data.load(args.dataset, args.data_dir, args.val_size, device)
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate)
     n_train = len(ds["train_x"])
     nb = data.num_batches(n_train, args.batch_size, args.max_batches)
 
     # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
-    model = models.get_model(args.arch, ds["num_classes"]).to(device, memory_format=mem)
+    model = models.get_model(args.arch, ds["num_classes"], ds["channels"]).to(device, memory_format=mem)
     fast = torch.compile(model) if args.compile else model  # used for the attack and the training forward
     # Several processes: the adversarial forward goes through DDP, which averages gradients across ranks in
     # backward; the attack and the clean forward run on the plain module (one DDP forward per backward).
@@ -114,41 +126,14 @@ def main(argv=None):
     wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
 
     # ---- resume: everything needed to continue exactly is in last.pt
-    os.makedirs(args.out, exist_ok=True)
-    last_path = os.path.join(args.out, "last.pt")
-    start_epoch, best, wa_best = 0, -1.0, -1.0
-    if os.path.exists(last_path) and not args.resume:
-        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue it or --out for a new one")
-    if args.resume and os.path.exists(last_path):
-        ck = utils.load_checkpoint(last_path)
-        if (ck.get("arch"), ck.get("dataset"), ck.get("method")) != (args.arch, args.dataset, "sar"):
-            raise SystemExit(f"error: {last_path} is a {ck.get('method')} run of {ck.get('arch')} on "
-                             f"{ck.get('dataset')}; resume it with the same method, --arch and --dataset")
-        utils.load_weights(model, ck["model"], last_path, args.arch)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if args.wa and ck.get("wa_model") is not None:
-            if ck["args"]["wa_mode"] != args.wa_mode:
-                raise SystemExit(f"error: {last_path} averages with --wa-mode {ck['args']['wa_mode']}; resume with it")
-            avg.module.load_state_dict(ck["wa_model"])
-            avg.n_averaged.fill_(ck["wa_n"])
-        start_epoch, best, wa_best = ck["epoch"], ck["best"], ck["wa_best"]
-        if main_rank:
-            utils.trim_log(args.out, start_epoch)
-            print(f"resumed {last_path} at epoch {start_epoch}")
+    start_epoch, best, wa_best = utils.resume(ck, args, model, opt, sched, avg, main_rank)
+    train_attack = attacks.describe("pgd", eps, args.steps, alpha) if eps > 0 else "natural training (no attack)"
     if main_rank:
-        print(f"sar.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device} x {world}, "
-              f"train {attacks.describe('pgd', eps, args.steps, alpha)}, amp={args.amp}, compile={args.compile}, "
-              f"wa={args.wa and args.wa_mode}, SAR lambda {args.sar_lambda} ({args.sar_fft}) from epoch "
-              f"{args.sar_start_epoch}")
-
-    def validate(m):  # clean and PGD accuracy on the held-out split; model frozen in eval mode, fp32
-        if args.val_size == 0 or not main_rank:
-            return None, None
-        clean = attacks.correct(m, ds["val_x"], ds["val_y"]).float().mean().item()
-        rob = attacks.correct(m, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=eps, alpha=alpha,
-                              steps=args.steps).float().mean().item()
-        return 100 * clean, 100 * rob
+        print(f"sar.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), "
+              f"{device} x {world}, "
+              f"train {train_attack}, validation {'clean' if eps == 0 else f'clean + PGD-{args.val_steps}'}, "
+              f"amp={args.amp}, compile={args.compile}, wa={utils.describe_wa(args)}, SAR lambda {args.sar_lambda} "
+              f"({args.sar_fft}) from epoch {args.sar_start_epoch + 1}", flush=True)
 
     for epoch in range(start_epoch, args.epochs):
         # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
@@ -157,21 +142,20 @@ def main(argv=None):
         model.train()
         lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
+        n_correct = torch.zeros((), device=device, dtype=torch.long)
         sar_sum = torch.zeros((), device=device)
         sar_on = args.sar_lambda > 0 and epoch >= args.sar_start_epoch
-        n_correct = torch.zeros((), device=device, dtype=torch.long)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.time()
         seen = 0
         for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
-                                                augment=True, pad=ds["pad"], flip=ds["flip"], seed=epoch_seed,
-                                                rank=rank, world=world,
+                                                augment=ds["augment"], seed=epoch_seed, rank=rank, world=world,
                                                 max_batches=args.max_batches, memory_format=mem)):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 # inner max: PGD-10 with random start, network in eval mode (the authors' code)
                 fast.eval()
-                x_adv = attacks.pgd(fast, x, y, eps, alpha, args.steps, random_start=True)
+                x_adv = attacks.pgd(fast, x, y, eps, alpha, args.steps, random_start=True) if eps > 0 else x
                 fast.train()
                 # two train-mode forwards; the clean logits are no detached target: gradients flow through both
                 logits = train_model(x_adv)
@@ -196,48 +180,31 @@ def main(argv=None):
         sched.step()
 
         # ---- weight averaging at the end of the epoch (SWA update + BatchNorm recomputation)
-        bn_batches = lambda: data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=True,
-                                          pad=ds["pad"], flip=ds["flip"], memory_format=mem)
-        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches)
+        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, utils.bn_batches(ds, args, mem, model))
         # BatchNorm statistics drift apart per rank within an epoch: every rank keeps rank 0's
         utils.broadcast_buffers(model, avg.module if avg is not None else None)
-
-        # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
-        val_clean, val_pgd = validate(model)
-        wa_clean, wa_pgd = validate(avg.module) if wa_ready else (None, None)
-        rec = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=100 * n_correct / seen,
-                   train_sar=sar_sum / seen if sar_on else None,
-                   val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
-                   time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time)
         if not main_rank:
             continue
+
+        # ---- validation (the released code keeps the checkpoint with the best held-out PGD-20 accuracy)
+        val_clean, val_pgd = utils.validate(model, ds, eps, alpha, args.val_steps)
+        wa_clean, wa_pgd = utils.validate(avg.module, ds, eps, alpha, args.val_steps) if wa_ready else (None, None)
+        rec = utils.tidy(dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=100 * n_correct / seen,
+                              train_sar=sar_sum / seen if sar_on else None,
+                              val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
+                              time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time))
         utils.log_epoch(args.out, rec)
 
         # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
-        meta = dict(format=utils.CKPT_FORMAT, method="sar", arch=args.arch, dataset=args.dataset,
-                    num_classes=ds["num_classes"], epoch=epoch + 1, args=vars(args), metrics=rec)
-        if val_pgd is not None and val_pgd > best:
-            best = val_pgd
-            utils.save_checkpoint(dict(meta, model=model.state_dict()), os.path.join(args.out, "best.pt"))
-        if wa_pgd is not None and wa_pgd > wa_best:
-            wa_best = wa_pgd
-            utils.save_checkpoint(dict(meta, model=avg.module.state_dict(), weights="wa"),
-                                  os.path.join(args.out, "wa_best.pt"))
-        utils.save_checkpoint(dict(meta, model=model.state_dict(), optimizer=opt.state_dict(),
-                                   scheduler=sched.state_dict(), best=best, wa_best=wa_best,
-                                   wa_model=avg.module.state_dict() if avg is not None else None,
-                                   wa_n=int(avg.n_averaged) if avg is not None else 0), last_path)
+        info = utils.meta(args, "sar", ds, epoch + 1, rec)
+        best, wa_best = utils.save_epoch(args, info, model, opt, sched, avg, best, wa_best)
     if args.bench:
-        if main_rank:
-            gflop = utils.forward_gflops(model, ds["train_x"][:2].float() / 255)
-            passes = 2 * args.steps + 6  # forward-equivalents per image: PGD steps 2 each, two training passes 3 each
-            print(f"benchmark: {rec['img_per_s']:.1f} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
-                  f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
-                  f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved")
+        if main_rank:  # forward-equivalents per image: PGD steps 2 each, the two training passes 3 each
+            utils.bench_report(args, model, ds, rec, world, passes=2 * args.steps * (eps > 0) + 3 + 3 * sar_on)
         shutil.rmtree(args.out, ignore_errors=True)
     utils.distributed_cleanup()
     return model, avg
 
 
 if __name__ == "__main__":
-    main()
+    utils.cli(main)

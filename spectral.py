@@ -1,10 +1,14 @@
 """The spectral analysis behind SAR (used by eval.py --lowpass / --spectrum).
 
-Low-pass test: each image channel is Fourier transformed, only the frequencies (f_y, f_x) with |f_y|, |f_x| <= k/2
-(the centred square of side k, conjugate-symmetric so the filtered image is real; k = image size keeps everything)
-are kept, and the image is transformed back. Clean and PGD-20 accuracy are measured on filtered images, the
-adversarial examples crafted on the unfiltered input. An adversarially trained model loses little clean accuracy
-under the filter; a naturally trained one loses much.
+Low-pass test: each image channel is Fourier transformed, only a centred square of frequencies is kept, and the
+image is transformed back. Two readings of the paper's "k x k patch" (--lowpass-window):
+  symmetric (default)  |f_y|, |f_x| <= k/2: conjugate-symmetric, so the filtered image is real; for even k this
+                       keeps (k+1) x (k+1) frequencies (both -k/2 and +k/2), and k = image size keeps everything;
+  kxk                  exactly k x k frequencies, the crop [c - k//2, c - k//2 + k) of the fftshift-ed spectrum
+                       (c = size//2; for even k: -k/2 .. k/2 - 1); it is not conjugate-symmetric (f = +k/2 is dropped
+                       while -k/2 is kept), so the real part of the inverse transform is taken.
+Clean and PGD-20 accuracy are measured on filtered images, the adversarial examples crafted on the unfiltered input.
+An adversarially trained model loses little clean accuracy under the filter; a naturally trained one loses much.
 
 Perturbation spectrum: mean over images and channels of |fftshift(FFT2(x' - x))| for PGD perturbations, and its
 radial profile (mean amplitude per integer ring around the zero frequency).
@@ -21,15 +25,19 @@ def lowpass_ks(size):
     return [k * size // 32 for k in K_32]
 
 
-def lowpass_mask(h, w, k, device=None):
-    fy = (torch.fft.fftfreq(h, device=device) * h).abs()[:, None]
-    fx = (torch.fft.fftfreq(w, device=device) * w).abs()[None, :]
-    return (fy <= k / 2) & (fx <= k / 2)  # unshifted layout, the zero frequency at [0, 0]
+def lowpass_mask(h, w, k, device=None, window="symmetric"):
+    """Boolean mask of the kept frequencies in the unshifted layout (zero frequency at [0, 0])."""
+    fy = (torch.fft.fftfreq(h, device=device) * h).round()[:, None]  # integer frequencies -h//2 .. (h-1)//2
+    fx = (torch.fft.fftfreq(w, device=device) * w).round()[None, :]
+    if window == "symmetric":
+        return (fy.abs() <= k / 2) & (fx.abs() <= k / 2)
+    lo = -(k // 2)  # kxk: frequencies lo .. lo + k - 1 on each axis (a k-wide crop of the centred spectrum)
+    return (fy >= lo) & (fy < lo + k) & (fx >= lo) & (fx < lo + k)
 
 
-def lowpass(x, k):
-    """x: (..., H, W) real images; keeps the centred k x k square of frequencies."""
-    mask = lowpass_mask(x.shape[-2], x.shape[-1], k, x.device)
+def lowpass(x, k, window="symmetric"):
+    """x: (..., H, W) real images; keeps the centred k x k square of frequencies (see the module's docstring)."""
+    mask = lowpass_mask(x.shape[-2], x.shape[-1], k, x.device, window)
     return torch.fft.ifft2(torch.fft.fft2(x.float()) * mask).real
 
 
@@ -41,14 +49,14 @@ def _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
             yield xb, yb, attacks.pgd(model, xb, yb, eps, alpha, steps, random_start=True)
 
 
-def lowpass_accuracy(model, x, y, ks, eps, alpha, steps=20, batch_size=500):
+def lowpass_accuracy(model, x, y, ks, eps, alpha, steps=20, batch_size=500, window="symmetric"):
     """{k: (clean accuracy %, PGD accuracy %)} with the filter applied before the model, PGD crafted unfiltered."""
     hits = {k: [0, 0] for k in ks}
     for xb, yb, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
         with torch.no_grad():
             for k in ks:
-                hits[k][0] += (model(lowpass(xb, k)).argmax(1) == yb).sum().item()
-                hits[k][1] += (model(lowpass(xa, k)).argmax(1) == yb).sum().item()
+                hits[k][0] += (model(lowpass(xb, k, window)).argmax(1) == yb).sum().item()
+                hits[k][1] += (model(lowpass(xa, k, window)).argmax(1) == yb).sum().item()
     return {k: (100 * c / len(x), 100 * r / len(x)) for k, (c, r) in hits.items()}
 
 
@@ -90,12 +98,14 @@ def plot_spectra(named, path):
         ax.set_title(label, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(im, cax=axes[n])
+    fig.colorbar(im, cax=axes[n]).set_label("mean amplitude (log scale)", fontsize=8)
     fig.suptitle("mean amplitude |fftshift(FFT2(x' - x))| of PGD perturbations (zero frequency at the centre)",
                  fontsize=9)
     for label, _, prof in named:
         axes[n + 1].semilogy(prof.numpy(), label=label)
     axes[n + 1].yaxis.tick_right()  # clear of the colour bar's labels
+    axes[n + 1].yaxis.set_label_position("right")
+    axes[n + 1].set_ylabel("mean amplitude in the ring", fontsize=8)
     axes[n + 1].set_xlabel("frequency radius (0 = mean colour)")
     axes[n + 1].set_title("radial profile", fontsize=8)
     axes[n + 1].legend(fontsize=6)

@@ -1,8 +1,15 @@
 """The test suite: runs on a CPU in a few minutes, with no network.
 
+    python -m pytest -q test_all.py                      # CPU
+    DEVICE=cuda python -m pytest -q test_all.py          # the same on a GPU: channels_last, bf16 autocast, CUDA
+                                                         # generators, fork_rng, --compile (inductor) and AutoAttack
+                                                         # on CUDA; the gloo torchrun tests stay on the CPU
+
 Data sets are written small and synthetic in their real on-disk formats (CIFAR python pickles, SVHN .mat files,
-the Tiny ImageNet folder layout) and read by the real loading code; torchvision's checksums are patched to
-the synthetic files' own. Every formula of METHODS.md is compared with a slow, obvious computation.
+MNIST IDX files, the Tiny ImageNet folder layout) and read by the real loading code; torchvision's checksums are
+patched to the synthetic files' own. One test trains on real Fashion-MNIST images when Debian's
+dataset-fashion-mnist package is installed (.ci/run installs it). Every formula is compared with a slow, obvious
+computation.
 """
 import copy
 import hashlib
@@ -16,15 +23,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import subprocess
+import sys
+
 import at
 import attacks
 import data
 import eval as evaluate
+import iseat
+import mart
 import models
+import sar
+import spectral
+import trades
 import utils
 import wa
 
 torch.set_num_threads(2)
+DEV = os.environ.get("DEVICE", "cpu")  # the device of every test that trains, attacks or evaluates
+ON_CUDA = DEV.startswith("cuda")
+if ON_CUDA:  # exact comparisons with slow reference computations: no TF32 rounding in either
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def ev(argv):
+    """eval.py on the test device."""
+    return evaluate.main(argv + ["--device", DEV])
+
+
+def same(a, b):
+    """Bitwise on the CPU; on CUDA, where some kernels are not deterministic, to float tolerance."""
+    if ON_CUDA:
+        return torch.allclose(a.float().cpu(), b.float().cpu(), rtol=1e-3, atol=1e-4)
+    return torch.equal(a, b)
 
 
 def md5(path):
@@ -118,14 +151,15 @@ def test_pgd_reaches_linear_worst_case():
     step eps/4 gets there from any start in the ball (each coordinate needs at most 2 eps / alpha = 8 steps)."""
     torch.manual_seed(0)
     W, b = torch.randn(2, 3 * 4 * 4), torch.zeros(2)
-    model = linear_model(W, b)
+    model = linear_model(W, b).to(DEV)
     x = torch.rand(16, 3, 4, 4)
     x[:4] = 0.0  # on the box's faces: clipping must bind
     x[4:8] = 1.0
     y = torch.randint(0, 2, (16,))
     eps = 8 / 255
     direction = torch.sign(W[1 - y] - W[y]).view_as(x)
-    expected = (x + eps * direction).clamp(0, 1)
+    expected = (x + eps * direction).clamp(0, 1).to(DEV)
+    x, y = x.to(DEV), y.to(DEV)
     for random_start in (False, True):
         x_adv = attacks.pgd(model, x, y, eps=eps, alpha=2 / 255, steps=10, random_start=random_start)
         assert torch.allclose(x_adv, expected, atol=1e-6)
@@ -137,9 +171,9 @@ def test_pgd_reaches_linear_worst_case():
 
 def test_pgd_stays_in_ball_and_box_and_leaves_model_alone():
     torch.manual_seed(0)
-    model = models.get_model("cnn", 10)
+    model = models.get_model("cnn", 10).to(DEV)
     model.train()
-    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    x, y = torch.rand(8, 3, 8, 8, device=DEV), torch.randint(0, 10, (8,), device=DEV)
     for norm, eps in (("Linf", 8 / 255), ("L2", 0.5)):
         x_adv = attacks.pgd(model, x, y, eps=eps, alpha=eps / 4, steps=5, norm=norm)
         d = (x_adv - x).flatten(1)
@@ -184,27 +218,35 @@ def test_autoattack_matches_exact_linear_worst_case():
     y = (x.flatten(1) @ W.T + b).argmax(1)
     y[:4] = (y[:4] + 1) % 10  # a few misclassified to begin with
     eps = 8 / 255
-    exact = linear_worst_case(W, b, x, y, eps)
+    exact = linear_worst_case(W, b, x, y, eps).to(DEV)
     assert 5 < exact.sum() < 35  # the test is only meaningful with robust and non-robust images
-    model = linear_model(W, b)
+    model = linear_model(W, b).to(DEV)
     model.train()
+    x, y = x.to(DEV), y.to(DEV)
     rng_before = torch.get_rng_state()
+    cuda_rng_before = torch.cuda.get_rng_state() if ON_CUDA else None
     got = attacks.autoattack(model, x, y, eps=eps, batch_size=16, seed=0)
     assert torch.equal(got, exact)
     assert torch.equal(attacks.autoattack(model, x, y, eps=eps, batch_size=16, n_examples=10), exact[:10])
     assert torch.equal(torch.get_rng_state(), rng_before)  # the library's reseeding does not leak out
+    if ON_CUDA:  # fork_rng on the CUDA generator too
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng_before)
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
     # PGD can never beat the exact worst case (untargeted CE may miss the weakest of 9 pairs: hence AutoAttack)
     pgd_ok = attacks.correct(model, x, y, 16, attack=attacks.pgd, eps=eps, alpha=2 / 255, steps=20)
     assert pgd_ok[exact].all() and pgd_ok.sum() < 40
+    # FGSM is exact on a linear model only for two classes; here it can only be weaker than the worst case
+    fgsm_ok = attacks.correct(model, x, y, 16, attack=attacks.fgsm, eps=eps)
+    assert fgsm_ok[exact].all() and fgsm_ok.sum() >= pgd_ok.sum()
 
 
 def test_frozen_evaluation_uses_eval_mode():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
     model(torch.rand(4, 3, 5, 5))
-    model.train()
+    model = model.to(DEV).train()
     before = copy.deepcopy(model[1].state_dict())
-    attacks.correct(model, torch.rand(8, 3, 5, 5), torch.zeros(8, dtype=torch.long), 4, attack=attacks.pgd, steps=2)
+    attacks.correct(model, torch.rand(8, 3, 5, 5, device=DEV), torch.zeros(8, dtype=torch.long, device=DEV), 4,
+                    attack=attacks.pgd, steps=2)
     for k, v in model[1].state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm statistics did not move during the attack
     assert model.training and all(p.requires_grad for p in model.parameters())
@@ -262,31 +304,56 @@ def test_swa_matches_hand_computation_and_recomputes_batchnorm():
 
 # ---------------------------------------------------------------- data
 
-def test_crop_flip_moves_pixels_as_specified():
+@pytest.mark.parametrize("pad_mode", ["zero", "reflect"])
+def test_crop_flip_moves_pixels_as_specified(pad_mode):
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
     pad = 2
     oy, ox = torch.randint(0, 2 * pad + 1, (6,)), torch.randint(0, 2 * pad + 1, (6,))
     flip = torch.tensor([True, False, True, False, True, True])
-    got = data.crop_flip(x, pad, oy, ox, flip)
-    for i in range(6):
-        padded = np.zeros((3, 5 + 2 * pad, 7 + 2 * pad), dtype=np.uint8)
-        padded[:, pad:pad + 5, pad:pad + 7] = x[i].numpy()
+    got = data.crop_flip(x, pad, oy, ox, flip, pad_mode)
+    for i in range(6):  # numpy's padding (torchvision's RandomCrop zero / padding_mode="reflect"), then a slice
+        padded = np.pad(x[i].numpy(), ((0, 0), (pad, pad), (pad, pad)), mode="constant" if pad_mode == "zero"
+                        else "reflect")
         want = padded[:, oy[i]:oy[i] + 5, ox[i]:ox[i] + 7]
         if flip[i]:
             want = want[:, :, ::-1]
         assert np.array_equal(got[i].numpy(), want), i
-    # random_crop_flip: every output is one of the (2 pad + 1)^2 * 2 allowed crops of its input, and offsets vary
-    out = data.random_crop_flip(x.repeat(20, 1, 1, 1), pad)
+    # random_augment: every output is one of the (2 pad + 1)^2 * 2 allowed crops of its input, and offsets vary
+    out = data.random_augment(x.repeat(20, 1, 1, 1), pad, pad_mode=pad_mode)
     seen = set()
     for i in range(len(out)):
         src = x[i % 6]
         match = [(a, c, f) for a in range(5) for c in range(5) for f in (False, True)
                  if torch.equal(out[i], data.crop_flip(src[None], pad, torch.tensor([a]), torch.tensor([c]),
-                                                       torch.tensor([f]))[0])]
+                                                       torch.tensor([f]), pad_mode)[0])]
         assert match, i
         seen.update(match)
     assert len(seen) > 10
+    # no flip where it would change the label (digits)
+    out = data.random_augment(x.repeat(20, 1, 1, 1), 0, flip=False)
+    assert torch.equal(out, x.repeat(20, 1, 1, 1))
+
+
+def test_rotation_matches_torchvision():
+    """--rotate: the same pixels as torchvision's RandomRotation (nearest, zero fill) at the drawn angles."""
+    import torchvision.transforms.functional as TF
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    angles = torch.tensor([90.0, 15.0, -13.7, 7.3, 0.0])
+    got = data.rotate(x, angles)
+    for i, a in enumerate(angles.tolist()):
+        assert torch.equal(got[i], TF.rotate(x[i], a, interpolation=TF.InterpolationMode.NEAREST)), a
+    assert torch.equal(got[0], torch.rot90(x[0], 1, (1, 2)))  # counter-clockwise
+    # drawn uniformly in [-15, 15]: each output equals a rotation of its input by some angle in that range
+    out = data.random_augment(x[:1].repeat(8, 1, 1, 1), 0, flip=False, rotate_deg=15,
+                              generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    torch.randint(0, 1, (8,), generator=g), torch.randint(0, 1, (8,), generator=g)
+    drawn = (torch.rand(8, generator=g) * 2 - 1) * 15
+    assert drawn.abs().max() <= 15 and drawn.std() > 3
+    for i in range(8):
+        assert torch.equal(out[i], TF.rotate(x[0], drawn[i].item(), interpolation=TF.InterpolationMode.NEAREST))
 
 
 def test_batches_cover_the_data_once_and_shard_across_ranks():
@@ -313,7 +380,8 @@ def test_cifar_pickles_are_read(tmp_path, monkeypatch, classes):
     root = str(tmp_path)
     tx, ty, sx, sy = write_cifar(root, monkeypatch, classes=classes)
     ds = data.load(f"cifar{classes}", root, val_size=30)
-    assert ds["num_classes"] == classes and ds["pad"] == 4 and ds["flip"]
+    assert ds["num_classes"] == classes and ds["augment"]["pad"] == 4 and ds["augment"]["flip"]
+    assert ds["channels"] == 3
     assert ds["test_x"].shape == (len(sx), 3, 32, 32) and ds["test_x"].dtype == torch.uint8
     assert np.array_equal(ds["test_x"].permute(0, 2, 3, 1).numpy(), sx)
     assert np.array_equal(ds["test_y"].numpy(), sy)
@@ -346,14 +414,82 @@ def test_svhn_mat_files_are_read(tmp_path, monkeypatch):
     X, labels = arrays["test"]
     assert np.array_equal(ds["test_x"].numpy(), X.transpose(3, 2, 0, 1))
     assert np.array_equal(ds["test_y"].numpy(), labels)
-    assert not ds["flip"]  # digits are not mirror-symmetric
+    assert not ds["augment"]["flip"]  # digits are not mirror-symmetric
+
+
+def write_idx(path, array, gz):
+    """The IDX format: 0, 0, type 0x08 (unsigned byte), number of dimensions, big-endian int32 sizes, the bytes."""
+    import gzip
+    raw = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw += array.astype(np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw) if gz else raw)
+
+
+def write_mnist_like(folder, first_labels=None, n_train=30, n_test=12, gz=True, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 256, (n_train, 28, 28)), rng.integers(0, 10, n_train),
+              rng.integers(0, 256, (n_test, 28, 28)), rng.integers(0, 10, n_test)]
+    if first_labels is not None:
+        arrays[1][:10] = first_labels
+    for name, a in zip(data.IDX_NAMES, arrays):
+        write_idx(os.path.join(folder, name + (".gz" if gz else "")), a, gz)
+    return arrays
+
+
+def test_mnist_and_fashion_mnist_idx_files_are_read(tmp_path):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    # Debian's layout: the four .gz files in one folder, read without any download or checksum
+    flat = str(tmp_path / "flat")
+    tx, ty, sx, sy = write_mnist_like(flat)
+    ds = data.load("fashion_mnist", flat, val_size=5, download=False)
+    assert ds["channels"] == 1 and ds["num_classes"] == 10 and ds["test_x"].shape == (12, 1, 28, 28)
+    assert np.array_equal(ds["test_x"][:, 0].numpy(), sx) and np.array_equal(ds["test_y"].numpy(), sy)
+    assert ds["augment"]["flip"] and ds["augment"]["pad"] == 2
+    all_y = torch.cat([ds["train_y"], ds["val_y"]]).sort().values.numpy()
+    assert np.array_equal(all_y, np.sort(ty)) and len(ds["val_x"]) == 5
+    # torchvision's layout, uncompressed: the same bytes as torchvision's own parser reads
+    tv = str(tmp_path / "tv")
+    arrays = write_mnist_like(os.path.join(tv, "MNIST", "raw"), gz=False, seed=1)
+    raw = os.path.join(tv, "MNIST", "raw")
+    assert np.array_equal(data.read_idx(os.path.join(raw, data.IDX_NAMES[0])),
+                          read_image_file(os.path.join(raw, data.IDX_NAMES[0])).numpy())
+    assert np.array_equal(data.read_idx(os.path.join(raw, data.IDX_NAMES[3])),
+                          read_label_file(os.path.join(raw, data.IDX_NAMES[3])).numpy())
+    ds = data.load("mnist", tv, val_size=0, download=False)
+    assert not ds["augment"]["flip"] and np.array_equal(ds["test_x"][:, 0].numpy(), arrays[2])
+    # the official files of one data set are not read as the other (the file names are the same)
+    fm = str(tmp_path / "fm")
+    write_mnist_like(fm, first_labels=data.FIRST_LABELS["fashion_mnist"])
+    with pytest.raises(SystemExit, match="are fashion_mnist, not mnist; pass --dataset fashion_mnist"):
+        data.load("mnist", fm, download=False)
+    # missing or damaged files: one line each
+    with pytest.raises(SystemExit, match="fashion_mnist not found in .*dataset-fashion-mnist"):
+        data.load("fashion_mnist", str(tmp_path / "empty"), download=False)
+    blob = open(os.path.join(flat, data.IDX_NAMES[2] + ".gz"), "rb").read()
+    import gzip
+    open(os.path.join(flat, data.IDX_NAMES[2] + ".gz"), "wb").write(gzip.compress(gzip.decompress(blob)[:-100]))
+    with pytest.raises(SystemExit, match=r"holds 9308 bytes where its header promises 9408 \(truncated\?\)"):
+        data.load("fashion_mnist", flat, download=False)
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"no Fashion-MNIST files in {FMNIST} "
+                    "(apt-get install dataset-fashion-mnist)")
+def test_debian_fashion_mnist_files_are_read():
+    ds = data.load("fashion_mnist", FMNIST, val_size=1000, download=False)
+    assert ds["train_x"].shape == (59000, 1, 28, 28) and ds["test_x"].shape == (10000, 1, 28, 28)
+    assert ds["test_y"][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]  # the official test labels
+    assert torch.bincount(ds["test_y"]).tolist() == [1000] * 10
+    with pytest.raises(SystemExit, match="are fashion_mnist, not mnist"):
+        data.load("mnist", FMNIST, download=False)
 
 
 def test_tiny_imagenet_layout_is_read_and_cached(tmp_path):
     from PIL import Image
     base, wnids, val_labels = write_tiny_imagenet(str(tmp_path))
     ds = data.load("tiny_imagenet", str(tmp_path), val_size=2)
-    assert ds["num_classes"] == 200 and ds["pad"] == 8
+    assert ds["num_classes"] == 200 and ds["augment"]["pad"] == 8
     assert ds["test_x"].shape == (6, 3, 64, 64)
     assert ds["test_y"].tolist() == val_labels
     first = np.asarray(Image.open(os.path.join(base, "val", "images", "val_0.JPEG")).convert("RGB"))
@@ -367,9 +503,9 @@ def test_tiny_imagenet_layout_is_read_and_cached(tmp_path):
     # 64-px training (crop padding 8) and evaluation run end to end
     out = tmp_path / "run"
     at.main(["--dataset", "tiny_imagenet", "--data-dir", str(tmp_path), "--arch", "cnn", "--epochs", "1",
-             "--batch-size", "4", "--val-size", "2", "--steps", "2", "--out", str(out)])
-    res = evaluate.main([str(out / "last.pt"), "--attacks", "clean", "pgd", "--pgd-steps", "2"])
-    assert res[str(out / "last.pt")]["n_examples"] == 6
+             "--batch-size", "4", "--val-size", "2", "--steps", "2", "--out", str(out), "--device", DEV])
+    res = ev([str(out / "last.pt"), "--attacks", "clean", "pgd", "--pgd-steps", "2"])
+    assert res[str(out / "last.pt")]["ran"]["pgd"]["n_examples"] == 6
 
 
 # ---------------------------------------------------------------- models
@@ -385,6 +521,11 @@ def test_models_shapes_names_and_sizes():
                 if arch.startswith("wrn") and size == 64:
                     continue  # slow on a CPU; global pooling makes it size-agnostic like the others
                 assert m(torch.rand(2, 3, size, size)).shape == (2, 10)
+        # grey 28-px images (MNIST, Fashion-MNIST): one input channel, any size
+        m1 = models.get_model(arch, 10, in_channels=1).eval()
+        with torch.no_grad():
+            assert m1(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+        assert m1.conv1.weight.shape[1] == 1
     keys = models.get_model("resnet18", 10).state_dict().keys()
     for k in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight",
               "layer2.0.shortcut.1.running_mean", "layer4.1.bn2.bias", "linear.weight"):
@@ -401,7 +542,7 @@ def test_models_shapes_names_and_sizes():
 
 def at_args(root, out, *extra):
     return ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "3", "--milestones", "2",
-            "--batch-size", "32", "--val-size", "40", "--out", str(out), *extra]
+            "--batch-size", "32", "--val-size", "40", "--out", str(out), "--device", DEV, *extra]
 
 
 def test_at_trains_logs_checkpoints_and_eval_reads_them(cifar, tmp_path):
@@ -419,15 +560,19 @@ def test_at_trains_logs_checkpoints_and_eval_reads_them(cifar, tmp_path):
         assert ck["format"] == utils.CKPT_FORMAT and ck["arch"] == "cnn" and ck["args"]["epochs"] == 3
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["metrics"]["val_pgd"] == max(r["val_pgd"] for r in log)
-    res = evaluate.main([str(out / "last.pt"), "--attacks", "clean", "pgd", "cw", "aa", "--n-examples", "12",
-                         "--batch-size", "12"])
-    r = res[str(out / "last.pt")]["results"]
+    res = ev([str(out / "last.pt"), "--attacks", "clean", "fgsm", "pgd", "cw", "aa", "--n-examples", "12",
+              "--batch-size", "12"])
+    r = res[str(out / "last.pt")]["ran"]
     assert r["aa"]["accuracy"] <= r["clean"]["accuracy"] and r["worst"]["accuracy"] <= r["pgd"]["accuracy"]
+    assert r["worst"]["accuracy"] <= min(r[a]["accuracy"] for a in ("fgsm", "pgd", "cw", "aa"))
     assert "PGD-20 (Linf, eps 8/255, step 2/255" in r["pgd"]["attack"] and "CW-30" in r["cw"]["attack"]
+    assert r["fgsm"]["attack"].startswith("FGSM (Linf, eps 8/255")
     saved = json.load(open(out / "last.eval.json"))
-    assert saved["results"]["pgd"]["accuracy"] == r["pgd"]["accuracy"] and saved["n_examples"] == 12
+    pgd_saved = [e for e in saved["results"].values() if e["name"] == "pgd"]
+    assert len(pgd_saved) == 1 and pgd_saved[0]["accuracy"] == r["pgd"]["accuracy"]
+    assert pgd_saved[0]["n_examples"] == 12 and pgd_saved[0]["date"] and pgd_saved[0]["seed"] == 0
     # the WA weights: from last.pt with --weights wa, and wa_best.pt holds them as its model
-    evaluate.main([str(out / "last.pt"), "--weights", "wa", "--attacks", "clean", "--n-examples", "8"])
+    ev([str(out / "last.pt"), "--weights", "wa", "--attacks", "clean", "--n-examples", "8"])
     assert os.path.exists(out / "last.wa.eval.json")
     wa_best = torch.load(out / "wa_best.pt", weights_only=True)
     assert wa_best["weights"] == "wa"
@@ -440,13 +585,13 @@ def test_eval_reads_bare_state_dicts_of_other_projects(cifar, tmp_path):
     sd["n_averaged"] = torch.tensor(3)
     sd["sub_block1.layer.0.conv1.weight"] = torch.zeros(1)  # the unused TRADES block
     torch.save({"state_dict": sd}, tmp_path / "other.pth")
-    res = evaluate.main([str(tmp_path / "other.pth"), "--arch", "cnn", "--dataset", "cifar10", "--data-dir", root,
-                         "--attacks", "clean", "--n-examples", "8"])
+    res = ev([str(tmp_path / "other.pth"), "--arch", "cnn", "--dataset", "cifar10", "--data-dir", root,
+              "--attacks", "clean", "--n-examples", "8"])
     model.eval()
     with torch.no_grad():
         ds = data.load("cifar10", root, val_size=0)
         want = (model(ds["test_x"][:8].float() / 255).argmax(1) == ds["test_y"][:8]).float().mean().item() * 100
-    assert res[str(tmp_path / "other.pth")]["results"]["clean"]["accuracy"] == pytest.approx(want)
+    assert res[str(tmp_path / "other.pth")]["ran"]["clean"]["accuracy"] == pytest.approx(want)
 
 
 def final_state(out):
@@ -456,10 +601,10 @@ def final_state(out):
 def assert_same_run(a, b):
     for key in ("model", "wa_model"):
         for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
+            assert same(a[key][k], b[key][k]), (key, k)
     for k, s in a["optimizer"]["state"].items():
-        assert torch.equal(s["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
-    assert a["wa_n"] == b["wa_n"] and a["best"] == b["best"]
+        assert same(s["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+    assert a["wa_n"] == b["wa_n"] and (ON_CUDA or a["best"] == b["best"])
 
 
 def kill_and_resume(root, out, monkeypatch, owner, name, dying):
@@ -516,14 +661,296 @@ def test_amp_training_runs(cifar, tmp_path):
     assert final_state(tmp_path / "amp")["epoch"] == 1
 
 
+# ---------------------------------------------------------------- natural training and real images
+
+def test_natural_training_says_so_and_runs_no_attack(cifar, tmp_path, monkeypatch, capsys):
+    root, _ = cifar
+    calls = []
+    real = attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module in (at, sar, iseat, trades, mart):
+        out = tmp_path / module.__name__
+        module.main(at_args(root, out, "--eps", "0", "--epochs", "2", "--milestones", "1", "--max-batches", "2"))
+        printed = capsys.readouterr().out
+        assert "natural training (no attack)" in printed and "PGD-" not in printed.split("\n")[0], module
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert all(r["val_pgd"] is None and r["val_clean"] is not None for r in log)
+        best = torch.load(out / "best.pt", weights_only=True)  # chosen on clean accuracy
+        assert best["metrics"]["val_clean"] == max(r["val_clean"] for r in log)
+    assert calls == []  # neither the training attack nor validation PGD ran
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"no Fashion-MNIST files in {FMNIST} "
+                    "(apt-get install dataset-fashion-mnist)")
+def test_adversarial_training_buys_robustness_on_real_images(tmp_path, capsys):
+    """Real Fashion-MNIST images, the small CNN: natural training and PGD-AT (eps 0.1) on a few thousand images,
+    then eval.py. What adversarial training is for: the AT model keeps far more of its accuracy under PGD-20."""
+    common = ["--dataset", "fashion_mnist", "--data-dir", FMNIST, "--arch", "cnn", "--epochs", "2",
+              "--milestones", "1", "--val-size", "500", "--device", DEV]
+    at.main(common + ["--eps", "0", "--max-batches", "40", "--out", str(tmp_path / "natural")])  # 10,240 images
+    at.main(common + ["--eps", "0.1", "--alpha", "0.025", "--steps", "5", "--max-batches", "20",
+                      "--out", str(tmp_path / "at")])  # 5,120 images
+    res = ev([str(tmp_path / "natural" / "last.pt"), str(tmp_path / "at" / "last.pt"), "--attacks", "clean",
+              "pgd", "--eps", "0.1", "--n-examples", "500"])
+    nat = res[str(tmp_path / "natural" / "last.pt")]["ran"]
+    adv = res[str(tmp_path / "at" / "last.pt")]["ran"]
+    print(f"natural: clean {nat['clean']['accuracy']:.1f} %, PGD-20 {nat['pgd']['accuracy']:.1f} %; "
+          f"AT: clean {adv['clean']['accuracy']:.1f} %, PGD-20 {adv['pgd']['accuracy']:.1f} %", file=sys.stderr)
+    assert nat["pgd"]["attack"] == "PGD-20 (Linf, eps 0.1, step 0.025, random start, 1 restart)"
+    assert nat["clean"]["accuracy"] > 40 and adv["clean"]["accuracy"] > 40  # chance is 10 %
+    assert nat["pgd"]["accuracy"] < 12  # a naturally trained model is not robust
+    assert adv["pgd"]["accuracy"] > nat["pgd"]["accuracy"] + 20 and adv["pgd"]["accuracy"] > 25
+
+
+# ---------------------------------------------------------------- nothing lost, nothing mislabelled
+
+def stored(json_path):
+    with open(json_path) as f:
+        return json.load(f)["results"]
+
+
+def by_name(results, name, n=None):
+    return [r for r in results.values() if r["name"] == name and (n is None or r["n_examples"] == n)]
+
+
+def test_eval_keeps_results_resumes_after_a_kill_and_never_mixes_checkpoints(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"  # a model that classifies well: the synthetic set is learnt in a few batches
+    at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "1", "--batch-size", "64", "--max-batches", "6",
+             "--val-size", "50", "--eps", "0", "--out", str(run), "--device", DEV])
+    ck = str(run / "best.pt")
+    ref_states, resumed_states = {}, {}
+    real_chunk = evaluate.chunk_correct
+
+    def recording_chunk(states):  # the random state each chunk starts from, by (attack, chunk)
+        def chunk(model, name, xb, yb, args):
+            rng = torch.get_rng_state().numpy().tobytes() + (torch.cuda.get_rng_state().numpy().tobytes()
+                                                             if ON_CUDA else b"")
+            states[(name, round(xb.float().sum().item()))] = hashlib.md5(rng).hexdigest()
+            return real_chunk(model, name, xb, yb, args)
+        return chunk
+    monkeypatch.setattr(evaluate, "chunk_correct", recording_chunk(ref_states))
+    cmd = [ck, "--attacks", "clean", "fgsm", "pgd", "cw", "--n-examples", "48", "--batch-size", "12",
+           "--pgd-steps", "3", "--cw-steps", "3"]
+    ref = ev(cmd + ["--results-dir", str(tmp_path / "ref")])[ck]["ran"]
+    monkeypatch.setattr(evaluate, "chunk_correct", real_chunk)
+    ref_store = torch.load(tmp_path / "ref" / "run" / "best.eval.pt", weights_only=True)
+    assert os.path.exists(tmp_path / "ref" / "run" / "best.eval.json") and not os.path.exists(run / "best.eval.json")
+    # killed in the third of four PGD chunks: FGSM's 4 chunks are calls 1-4, PGD's are 5, 6, 7, ...
+    real, calls = attacks.pgd, []
+
+    def dying(*a, **k):
+        calls.append(k.get("steps"))
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(attacks, "pgd", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ev(cmd)
+    monkeypatch.setattr(attacks, "pgd", real)
+    err = capsys.readouterr().err
+    assert "FGSM (Linf, eps 8/255, one step of size eps, no random start): 48/48 images" in err  # progress lines
+    assert "PGD-3 (Linf, eps 8/255, step 2/255, random start, 1 restart): 24/48 images" in err
+    # what finished before the kill is on disk: clean and FGSM results, and PGD's first two chunks
+    res = stored(run / "best.eval.json")
+    assert {r["name"] for r in res.values()} == {"clean", "fgsm"}
+    part = torch.load(run / "best.eval.pt", weights_only=True)["attacks"]
+    (pgd_part,) = [e for e in part.values() if e["name"] == "pgd"]
+    assert pgd_part["done"].tolist() == [True, True, False, False]
+    assert not glob_tmp(run)
+    # the same command again continues where it stopped: only PGD's last two chunks and CW run
+    calls.clear()
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(k.get("steps")) or real(*a, **k))
+    monkeypatch.setattr(evaluate, "chunk_correct", recording_chunk(resumed_states))
+    out = ev(cmd)[ck]["ran"]
+    monkeypatch.setattr(evaluate, "chunk_correct", real_chunk)
+    monkeypatch.setattr(attacks, "pgd", real)
+    assert calls == [3, 3] + [3] * 4
+    assert "(stored " in capsys.readouterr().out  # clean and FGSM were not run again
+    for name in ("clean", "fgsm", "pgd", "cw", "worst"):
+        assert out[name]["accuracy"] == ref[name]["accuracy"], name  # the numbers of an uninterrupted run
+    store = torch.load(run / "best.eval.pt", weights_only=True)["attacks"]
+    for key, e in ref_store["attacks"].items():
+        assert torch.equal(store[key]["correct"], e["correct"]), key  # per image, too
+    assert "worst case over: clean, FGSM, PGD-3, CW-3" in out["worst"]["attack"]
+    # and each chunk the resumed run attacked started from the random state it had in the uninterrupted run
+    assert resumed_states and all(ref_states[k] == v for k, v in resumed_states.items())
+    # a later run of other analyses, or of fewer images, adds to the record and removes nothing
+    ev([ck, "--attacks", "--lowpass", "--spectrum", "--n-examples", "12", "--pgd-steps", "2"])
+    ev([ck, "--attacks", "pgd", "--n-examples", "24", "--batch-size", "12", "--pgd-steps", "3"])
+    rec = json.load(open(run / "best.eval.json"))
+    assert len(by_name(rec["results"], "pgd", 48)) == 1 and len(by_name(rec["results"], "pgd", 24)) == 1
+    assert by_name(rec["results"], "pgd", 48)[0]["accuracy"] == ref["pgd"]["accuracy"]
+    assert len(by_name(rec["results"], "cw", 48)) == 1 and rec["lowpass"] and rec["spectrum"]
+    for r in rec["results"].values():
+        assert r["date"] and r["n_examples"] and r["attack"]
+    # --redo runs a stored attack again (same settings, same seed: the same numbers)
+    again = ev(cmd[:1] + ["--attacks", "fgsm", "--n-examples", "48", "--batch-size", "12", "--redo"])[ck]["ran"]
+    assert again["fgsm"]["accuracy"] == ref["fgsm"]["accuracy"]
+    # results whose per-image file is gone (or that an older eval.py wrote) are kept too
+    os.remove(run / "best.eval.pt")
+    ev([ck, "--attacks", "clean", "--n-examples", "8"])
+    assert by_name(stored(run / "best.eval.json"), "cw", 48) and by_name(stored(run / "best.eval.json"), "clean", 8)
+    # the checkpoint file changes (a newer best.pt): its old results are moved aside, never mixed with the new
+    state = torch.load(ck, weights_only=True)
+    state["epoch"] = 7
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, ck)
+    ev([ck, "--attacks", "clean", "--n-examples", "48"])
+    assert {r["name"] for r in stored(run / "best.eval.json").values()} == {"clean"}
+    moved = [p for p in os.listdir(run) if p.startswith("best.eval.epoch1-")]
+    assert sorted(p.rsplit(".", 1)[1] for p in moved) == ["json", "pt"]
+    assert by_name(stored(run / [p for p in moved if p.endswith("json")][0]), "cw")
+    # results that cannot be written are found before any attack runs; --results-dir writes them elsewhere
+    (tmp_path / "a_file").write_text("")
+    calls.clear()
+    monkeypatch.setattr(attacks, "correct", lambda *a, **k: calls.append(1))
+    one_line_error(ev, ck, "--results-dir", str(tmp_path / "a_file" / "sub"),
+                   match=r"cannot write to .*a_file/sub/run .* pass --results-dir to a writable folder")
+    one_line_error(ev, ck, "--spectrum", "--spectrum-out", str(tmp_path / "a_file" / "x.png"),
+                   match=r"cannot write to .*a_file .* pass --spectrum-out")
+    assert calls == []
+
+
+def glob_tmp(folder):
+    return [p for p in os.listdir(folder) if ".tmp" in p]
+
+
+def test_run_folder_hygiene(cifar, tmp_path, capsys):
+    root, _ = cifar
+    run = tmp_path / "run"
+    # a dead run's log lines (killed after logging, before its first last.pt) and temp files of killed writes
+    run.mkdir()
+    (run / "log.jsonl").write_text(json.dumps({"epoch": 1, "val_pgd": 3.0}) + "\n")
+    (run / "last.pt.tmp99999999").write_bytes(b"x" * 1000)  # no such process: a killed write
+    (run / f"best.pt.tmp{os.getppid()}").write_bytes(b"x")  # a live process's write in progress: left alone
+    at.main(at_args(root, run, "--epochs", "1", "--max-batches", "1", "--resume"))
+    out = capsys.readouterr().out
+    assert "nothing to resume in" in out and "removed 1 log line(s) of an earlier run" in out
+    assert "removed last.pt.tmp99999999" in out
+    assert [json.loads(line)["epoch"] for line in open(run / "log.jsonl")] == [1]
+    assert glob_tmp(run) == [f"best.pt.tmp{os.getppid()}"]
+    # a resume clears killed writes too, and says where it resumes
+    (run / "last.pt.tmp99999998").write_bytes(b"x")
+    at.main(at_args(root, run, "--epochs", "2", "--max-batches", "1", "--resume"))
+    assert "resumed" in capsys.readouterr().out and "last.pt.tmp99999998" not in os.listdir(run)
+    # an output folder that cannot be written is found before any data is read
+    (tmp_path / "a_file").write_text("")
+    one_line_error(at.main, *at_args(root, tmp_path / "a_file" / "run"),
+                   match=r"cannot write to .*a_file/run \(Not a directory\); pass --out to a writable folder")
+
+
+def test_weight_average_is_never_dropped_or_faked(cifar, tmp_path, capsys):
+    root, _ = cifar
+    # SWA starts at milestone 5; after 2 epochs there is no average: none is saved, and eval refuses it
+    run = tmp_path / "swa"
+    sar.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "5",
+              "--batch-size", "32", "--val-size", "40", "--max-batches", "1", "--wa", "--out", str(run),
+              "--device", DEV])
+    assert "wa=swa (equal average of the end-of-epoch weights from epoch 6" in capsys.readouterr().out
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["wa_model"] is None and ck["wa_n"] == 0 and not os.path.exists(run / "wa_best.pt")
+    one_line_error(ev, str(run / "last.pt"), "--weights", "wa",
+                   match=r"holds no averaged weights yet \(epoch 2; swa averages from epoch 6\)")
+    # resuming must keep the --wa setting: dropping or restarting the average is refused
+    base = ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--batch-size", "32", "--val-size", "40",
+            "--max-batches", "1", "--milestones", "1", "--device", DEV]
+    one_line_error(sar.main, *base, "--epochs", "3", "--resume", "--out", str(run),
+                   match=r"was trained with --wa --wa-mode swa; resume it with the same")
+    plain = tmp_path / "plain"
+    at.main(base + ["--epochs", "1", "--out", str(plain)])
+    one_line_error(at.main, *base, "--epochs", "2", "--resume", "--wa", "--out", str(plain),
+                   match=r"was trained with no --wa; resume it with the same")
+    ema = tmp_path / "ema"
+    at.main(base + ["--epochs", "1", "--wa", "--out", str(ema)])
+    one_line_error(at.main, *base, "--epochs", "2", "--resume", "--wa", "--wa-mode", "swa", "--out", str(ema),
+                   match=r"was trained with --wa --wa-mode ema")
+    at.main(base + ["--epochs", "2", "--resume", "--wa", "--out", str(ema)])
+    assert torch.load(ema / "last.pt", weights_only=True)["wa_n"] == 2  # 1 step per epoch, kept across the resume
+    assert "resuming with changed flags: --epochs 1 -> 2" in capsys.readouterr().out
+
+
+def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, capsys):
+    seen = []
+    real = wa.update_bn
+
+    def counting(loader, model, *a, **k):
+        batches = list(loader)
+        seen.append(sum(len(b[0]) for b in batches))
+        return real(batches, model, *a, **k)
+    monkeypatch.setattr(wa, "update_bn", counting)
+    run = tmp_path / "run"
+    at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "2", "--milestones", "1", "--wa", "--wa-mode",
+             "swa", "--batch-size", "32", "--max-batches", "2", "--val-size", "50", "--out", str(run), "--device", DEV])
+    assert seen == [512]  # one batch of 512: the 64 images of a 2-batch epoch rounded up, not all 49,950
+    out = capsys.readouterr().out
+    assert "wa=swa (equal average of the end-of-epoch weights from epoch 2, the first after an lr decay; " \
+           "BatchNorm recomputed on clean images)" in out
+    assert " s | " in out and " img/s" in out  # times with units
+    for line in open(run / "log.jsonl"):
+        for k, v in json.loads(line).items():
+            if isinstance(v, float):
+                assert v == float(f"{v:.6g}"), (k, v)  # no float noise
+    assert [json.loads(line)["lr"] for line in open(run / "log.jsonl")] == [0.1, 0.01]
+    # --wa-bn adversarial: the pass sees PGD examples (training eps, steps), crafted against the model in eval mode
+    crafted, passed = [], []
+    real_pgd = attacks.pgd
+
+    def recording_pgd(model, x, y, *a, **k):
+        out = real_pgd(model, x, y, *a, **k)
+        if len(x) == 512:  # the BatchNorm pass's batches (training batches are 32)
+            crafted.append((model.training, x, out, a, k))
+        return out
+    monkeypatch.setattr(attacks, "pgd", recording_pgd)
+    monkeypatch.setattr(wa, "update_bn", lambda loader, model: passed.extend(b[0] for b in loader))
+    at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "2", "--milestones", "1", "--wa", "--wa-mode",
+             "swa", "--wa-bn", "adversarial", "--batch-size", "32", "--max-batches", "2", "--val-size", "0",
+             "--steps", "3", "--out", str(tmp_path / "adv"), "--device", DEV])
+    assert len(crafted) == len(passed) == 1
+    training, x, x_adv, a, k = crafted[0]
+    assert not training and a == (8 / 255, 2 / 255, 3) and k == {"random_start": True}
+    assert torch.equal(passed[0], x_adv) and 0 < (x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_spectrum_picture_is_labelled(monkeypatch, tmp_path):
+    import matplotlib.figure
+    figs = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    spec = torch.rand(32, 32) + 0.1
+    spectral.plot_spectra([("a/best.pt", spec, spectral.radial_profile(spec)),
+                           ("b/best.pt", spec * 2, spectral.radial_profile(spec * 2))], str(tmp_path / "s.png"))
+    (fig,) = figs
+    labels = [ax.get_ylabel() for ax in fig.axes] + [ax.get_xlabel() for ax in fig.axes]
+    assert "mean amplitude (log scale)" in labels  # the colour bar
+    assert "mean amplitude in the ring" in labels and "frequency radius (0 = mean colour)" in labels
+    assert os.path.getsize(tmp_path / "s.png") > 1000
+
+
+def test_readme_explains_itself():
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    assert "../shared" not in readme and "METHODS.md" not in readme
+    for word in ("TRADES", "MART", "SAR", "ISEAT", "AutoAttack", "fashion_mnist", "DEVICE=cuda", "bench.py",
+                 "report.py"):
+        assert word in readme, word
+
+
 # ---------------------------------------------------------------- bad input: one clear line each
+
+def one_line_error(fn, *argv, match):
+    """fn(argv) must stop with one line 'error: ...' that matches."""
+    with pytest.raises(SystemExit) as e:
+        fn(list(argv))
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
+    assert __import__("re").search(match, msg), msg
+    return msg
+
 
 def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     root, _ = cifar
-    with pytest.raises(SystemExit, match="unknown dataset 'cifar11'"):
-        at.main(at_args(root, tmp_path / "x", "--dataset", "cifar11"))
-    with pytest.raises(SystemExit, match="unknown arch"):
-        at.main(at_args(root, tmp_path / "x", "--arch", "vgg"))
+    one_line_error(at.main, *at_args(root, tmp_path / "x", "--dataset", "cifar11"), match="unknown dataset 'cifar11'")
+    one_line_error(at.main, *at_args(root, tmp_path / "x", "--arch", "vgg"), match="unknown arch")
     # missing data, download impossible (simulated offline)
     import torchvision.datasets.cifar as tvc
 
@@ -536,51 +963,92 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
         data.load("tiny_imagenet", str(tmp_path / "empty"), download=False)
     with pytest.raises(SystemExit, match="--val-size"):
         data.load("cifar10", root, val_size=10**6)
-    with pytest.raises(SystemExit):  # argparse: invalid fraction value
-        at.get_args(["--eps", "eight"])
+    # every numeric flag, checked before any work (no data is read, no folder is made)
+    for flags, match in ((["--eps", "eight"], r"argument --eps: 'eight' is not a number or a fraction like 8/255"),
+                         (["--eps", "8/0"], r"'8/0' is not a number"),
+                         (["--eps", "8"], r"--eps 8: radii are in \[0,1\] pixel units \(8/255, not 8\)"),
+                         (["--eps", "-8/255"], r"--eps -8/255: radii are in \[0,1\]"),
+                         (["--alpha", "0"], r"--alpha 0: the step"),
+                         (["--batch-size", "0"], r"--batch-size 0: use a positive batch size"),
+                         (["--batch-size", "-3"], r"--batch-size -3"),
+                         (["--max-batches", "0"], r"--max-batches 0: use a positive number"),
+                         (["--epochs", "0"], r"--epochs 0: train at least 1 epoch"),
+                         (["--epochs", "-2"], r"--epochs -2"),
+                         (["--steps", "0"], r"--steps 0 with --eps 8/255: .* or --eps 0 for natural training"),
+                         (["--val-steps", "0"], r"--val-steps 0"),
+                         (["--val-size", "-1"], r"--val-size -1"),
+                         (["--lr", "0"], r"--lr 0"), (["--momentum", "1"], r"--momentum 1"),
+                         (["--wd", "-1e-4"], r"--wd -0.0001"), (["--wa-decay", "1"], r"--wa-decay 1"),
+                         (["--milestones", "150", "100"], r"--milestones 150 100: give increasing epochs"),
+                         (["--rotate", "400"], r"--rotate 400"), (["--seed", "-1"], r"--seed -1"),
+                         (["--device", "gpu"], r"--device 'gpu' is not a device"),
+                         (["--no-such-flag"], r"unrecognized arguments: --no-such-flag")):
+        one_line_error(at.main, *at_args(root, tmp_path / "never", *flags), match=match)
+    assert not (tmp_path / "never").exists()
+    if not torch.cuda.is_available():
+        one_line_error(at.main, *at_args(root, tmp_path / "never", "--device", "cuda"),
+                       match=r"--device cuda: no CUDA GPU is visible here .* use --device cpu")
+    one_line_error(sar.main, "--sar-lambda", "-1", match=r"--sar-lambda -1")
+    one_line_error(iseat.main, "--lam", "0", "-0.1", match=r"--lam 0.0 -0.1")
+    one_line_error(iseat.main, "--awp-gamma", "-1", match=r"--awp-gamma -1")
+    one_line_error(trades.main, "--beta", "-1", match=r"--beta -1")
+    one_line_error(mart.main, "--beta", "-1", match=r"--beta -1")
 
     run = tmp_path / "run"
     at.main(at_args(root, run, "--epochs", "1", "--max-batches", "1"))
-    with pytest.raises(SystemExit, match="already holds a run; pass --resume"):
-        at.main(at_args(root, run, "--epochs", "1"))
-    with pytest.raises(SystemExit, match="is a at run of cnn"):
-        at.main(at_args(root, run, "--resume", "--arch", "resnet18"))
+    one_line_error(at.main, *at_args(root, run, "--epochs", "1"), match="already holds a run .*pass --resume")
+    one_line_error(at.main, *at_args(root, run, "--resume", "--arch", "resnet18"),
+                   match=r"holds a at.py run of cnn on cifar10; resume it with python at.py --arch cnn")
+    one_line_error(sar.main, *at_args(root, run, "--resume"), match=r"holds a at.py run")
+    # eval's flags
+    for flags, match in ((["--n-examples", "0"], r"--n-examples 0: evaluate at least 1 image"),
+                         (["--n-examples", "-5"], r"--n-examples -5"),
+                         (["--batch-size", "0"], r"--batch-size 0"), (["--eps", "8"], r"--eps 8: L-inf radii"),
+                         (["--pgd-steps", "0"], r"--pgd-steps"), (["--restarts", "0"], r"--restarts 0"),
+                         (["--attacks"], r"nothing to do")):
+        one_line_error(evaluate.main, str(run / "last.pt"), *flags, match=match)
     # a checkpoint of another architecture
     torch.save(models.get_model("resnet18", 10).state_dict(), tmp_path / "r18.pt")
-    with pytest.raises(SystemExit, match=r"does not fit arch 'cnn': \d+ missing keys .* pass the --arch"):
-        evaluate.main([str(tmp_path / "r18.pt"), "--arch", "cnn", "--dataset", "cifar10", "--data-dir", root])
-    with pytest.raises(SystemExit, match="pass --arch and --dataset"):
-        evaluate.main([str(tmp_path / "r18.pt")])
-    with pytest.raises(SystemExit, match="trained with --arch cnn, not resnet18"):
-        evaluate.main([str(run / "last.pt"), "--arch", "resnet18"])
-    with pytest.raises(SystemExit, match="holds no weight average"):
-        evaluate.main([str(run / "last.pt"), "--weights", "wa"])
-    # a truncated file
+    one_line_error(ev, str(tmp_path / "r18.pt"), "--arch", "cnn", "--dataset", "cifar10", "--data-dir", root,
+                   match=r"does not fit arch 'cnn': \d+ missing keys .* pass the --arch")
+    one_line_error(ev, str(tmp_path / "r18.pt"), match="pass --arch and --dataset")
+    one_line_error(ev, str(run / "last.pt"), "--arch", "resnet18", match="trained with --arch cnn, not resnet18")
+    one_line_error(ev, str(run / "last.pt"), "--weights", "wa", match="holds no weight average")
+    # a truncated file, an empty one, a text file, a missing one
     blob = open(run / "last.pt", "rb").read()
     open(tmp_path / "trunc.pt", "wb").write(blob[: len(blob) // 2])
-    with pytest.raises(SystemExit, match="truncated or not a torch checkpoint"):
-        evaluate.main([str(tmp_path / "trunc.pt")])
-    with pytest.raises(SystemExit, match="does not exist"):
-        evaluate.main([str(tmp_path / "nothing.pt")])
+    one_line_error(ev, str(tmp_path / "trunc.pt"), match="truncated or not a torch checkpoint")
+    open(tmp_path / "empty.pt", "wb").close()
+    one_line_error(ev, str(tmp_path / "empty.pt"), match=r"empty.pt is empty \(0 bytes\)")
+    open(tmp_path / "notes.pt", "w").write("hello, this is text\n")
+    one_line_error(ev, str(tmp_path / "notes.pt"), "--arch", "cnn", "--dataset", "cifar10",
+                   match="not a torch checkpoint")
+    one_line_error(ev, str(tmp_path / "nothing.pt"), match="does not exist")
     # a pickle that is not plain tensors and values is refused, and its code never runs
     torch.save({"model": models.get_model("cnn", 10)}, tmp_path / "pickled_module.pt")
-    with pytest.raises(SystemExit, match="refusing to load .* weights_only=True"):
-        evaluate.main([str(tmp_path / "pickled_module.pt"), "--arch", "cnn", "--dataset", "cifar10"])
+    one_line_error(ev, str(tmp_path / "pickled_module.pt"), "--arch", "cnn", "--dataset", "cifar10",
+                   match="refusing to load .* weights_only=True")
     marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(SystemExit, match="refusing to load"):
-        evaluate.main([str(tmp_path / "evil.pt"), "--arch", "cnn", "--dataset", "cifar10"])
+    one_line_error(ev, str(tmp_path / "evil.pt"), "--arch", "cnn", "--dataset", "cifar10", match="refusing to load")
     assert not marker.exists()
+
+
+def test_errors_print_once_under_torchrun(tmp_path):
+    """Every rank runs the same checks; only rank 0 prints the line."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "at.py"), "--eps", "8",
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("error: --eps 8: radii are in [0,1] pixel units") == 1, r.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- SAR
 
-import sar  # noqa: E402
-import spectral  # noqa: E402
 
 
 def slow_dft(z, axes):
@@ -621,7 +1089,7 @@ def test_sar_trains_switches_on_at_start_epoch_and_eval_reads_it(cifar, tmp_path
     real_pgd = attacks.pgd
 
     def recording_pgd(model, *a, **k):
-        modes.append(model.training)
+        modes.append((model.training, k["steps"] if "steps" in k else a[4]))
         return real_pgd(model, *a, **k)
     monkeypatch.setattr(attacks, "pgd", recording_pgd)
     calls = []
@@ -630,8 +1098,11 @@ def test_sar_trains_switches_on_at_start_epoch_and_eval_reads_it(cifar, tmp_path
     out = tmp_path / "sar"
     sar.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
               "--batch-size", "32", "--val-size", "40", "--max-batches", "3", "--sar-start-epoch", "1",
-              "--out", str(out)])
-    assert not any(modes)  # the training attack (and validation) ran in eval mode
+              "--out", str(out), "--device", DEV])
+    assert not any(training for training, _ in modes)  # the training attack (and validation) ran in eval mode
+    # 3 training batches with PGD-10 per epoch, then validation (one call of 40 images) with PGD-20: the released
+    # code's selection criterion
+    assert [steps for _, steps in modes] == [10, 10, 10, 20] * 2
     assert len(calls) == 3  # the term is on in the second epoch only
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert log[0]["train_sar"] is None and log[1]["train_sar"] > 0
@@ -639,15 +1110,18 @@ def test_sar_trains_switches_on_at_start_epoch_and_eval_reads_it(cifar, tmp_path
     monkeypatch.setattr(sar, "sar_loss", real_loss)
     out_wa = tmp_path / "sar_wa"
     sar.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
-              "--batch-size", "32", "--val-size", "40", "--max-batches", "2", "--wa", "--out", str(out_wa)])
+              "--batch-size", "32", "--val-size", "40", "--max-batches", "2", "--wa", "--out", str(out_wa),
+              "--device", DEV])
     ck = torch.load(out_wa / "last.pt", weights_only=True)
     assert ck["method"] == "sar" and ck["wa_n"] == 1 and ck["args"]["sar_lambda"] == 0.1
-    res = evaluate.main([str(out_wa / "last.pt"), "--weights", "wa", "--attacks", "clean", "pgd", "--n-examples", "8",
-                         "--lowpass", "--spectrum"])
+    res = ev([str(out_wa / "last.pt"), "--weights", "wa", "--attacks", "clean", "pgd", "--n-examples", "8",
+              "--lowpass", "--spectrum"])
     rec = res[str(out_wa / "last.pt")]
-    assert set(rec["lowpass"]["accuracy"]) == {"32", "28", "24", "20", "16"}
-    assert len(rec["spectrum"]["radial_profile"]) > 10
-    assert os.path.getsize(out_wa / "last.spectrum.png") > 1000
+    (lowpass,) = rec["lowpass"].values()
+    assert set(lowpass["accuracy"]) == {"32", "28", "24", "20", "16"} and lowpass["window"] == "symmetric"
+    (spectrum,) = rec["spectrum"].values()
+    assert len(spectrum["radial_profile"]) > 10
+    assert os.path.getsize(out_wa / "last.wa.spectrum.png") > 1000
 
 
 def test_lowpass_filter_identity_and_window():
@@ -663,6 +1137,20 @@ def test_lowpass_filter_identity_and_window():
         full = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
         assert torch.allclose(spec[..., inside], full[..., inside], atol=1e-3)  # inside it, untouched
     assert spectral.lowpass_ks(64) == [64, 56, 48, 40, 32]
+    # the paper's exact k x k reading: frequencies -k/2 .. k/2 - 1 (a k-wide crop of the centred spectrum), the
+    # real part of the inverse; its spectrum is the Hermitian-symmetrised crop (unpaired +-k/2 halved)
+    for k in (16, 15):
+        f = spectral.lowpass(x, k, window="kxk")
+        full = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+        crop = torch.zeros(32, 32, dtype=torch.bool)
+        crop[16 - k // 2:16 - k // 2 + k, 16 - k // 2:16 - k // 2 + k] = True
+        assert crop.sum() == k * k
+        kept = torch.where(crop, full, torch.zeros_like(full))
+        mirrored = torch.roll(torch.flip(kept, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1)).conj()  # X(-f)*
+        want = torch.fft.ifft2(torch.fft.ifftshift((kept + mirrored) / 2, dim=(-2, -1))).real
+        assert torch.allclose(f, want, atol=1e-4)
+    assert torch.allclose(spectral.lowpass(x, 32, window="kxk"), x, atol=1e-5)
+    assert torch.allclose(spectral.lowpass(x, 15, window="kxk"), spectral.lowpass(x, 15), atol=1e-5)  # odd k: same
 
 
 def test_perturbation_spectrum_and_radial_profile_match_slow_computation():
@@ -684,7 +1172,6 @@ def test_perturbation_spectrum_and_radial_profile_match_slow_computation():
 
 # ---------------------------------------------------------------- ISEAT
 
-import iseat  # noqa: E402
 
 
 def test_rank_weights_on_known_vectors_with_ties():
@@ -701,11 +1188,12 @@ def test_rank_weights_on_known_vectors_with_ties():
 
 def test_awp_direction_norms_and_exact_restore():
     torch.manual_seed(0)
-    model, proxy = models.get_model("cnn", 10), models.get_model("cnn", 10)
-    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    model, proxy = models.get_model("cnn", 10).to(DEV), models.get_model("cnn", 10).to(DEV)
+    x, y = torch.rand(8, 3, 8, 8, device=DEV), torch.randint(0, 10, (8,), device=DEV)
     v = iseat.awp_diff(model, proxy, x, y, eta=0.01)
     params = dict(model.named_parameters())
-    assert set(v) == {n for n, p in params.items() if p.dim() >= 2} == {"conv1.weight", "conv2.weight", "linear.weight"}
+    kernels = {f"conv{i}.weight" for i in (1, 2, 3, 4)} | {"linear.weight"}
+    assert set(v) == {n for n, p in params.items() if p.dim() >= 2} == kernels
     for n, d in v.items():
         assert torch.allclose(d.norm(), params[n].norm(), rtol=1e-5)
     # the direction is the normalised gradient of the adversarial CE (the proxy's step is eta times it)
@@ -749,7 +1237,7 @@ def slow_iseat_step(model, x, y, gamma, lam, lr=0.1, momentum=0.9, wd=5e-4):
     w = [0.0] * B
     for j, i in enumerate(sorted(range(B), key=lambda i: av[i])):
         w[i] = (j + 1) / B
-    w = torch.tensor(w)
+    w = torch.tensor(w, device=x.device)
     adv_branch = ce_adv.mean() + lam / B * sum(w[i] * ((z1[i] - z0[i].detach()) ** 2).sum() for i in range(B))
     clean_branch = lam / B * sum(w[i] * ((z1[i].detach() - z0[i]) ** 2).sum() for i in range(B))
     g1 = torch.autograd.grad(adv_branch, list(m1.parameters()))
@@ -765,9 +1253,9 @@ def slow_iseat_step(model, x, y, gamma, lam, lr=0.1, momentum=0.9, wd=5e-4):
 @pytest.mark.parametrize("gamma,lam", [(7e-3, 0.1), (7e-3, 0.0), (0.0, 0.5)])
 def test_iseat_step_equals_slow_computation(gamma, lam):
     torch.manual_seed(0)
-    model, proxy = models.get_model("cnn", 10), models.get_model("cnn", 10)
+    model, proxy = models.get_model("cnn", 10).to(DEV), models.get_model("cnn", 10).to(DEV)
     model.train()
-    x, y = torch.rand(12, 3, 8, 8), torch.randint(0, 10, (12,))
+    x, y = torch.rand(12, 3, 8, 8, device=DEV), torch.randint(0, 10, (12,), device=DEV)
     want, want_loss = slow_iseat_step(model, x, y, gamma, lam)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loss, _, _ = iseat.train_step(model, proxy, opt, x, y, 8 / 255, 2 / 255, 10, gamma, 0.01, lam)
@@ -782,7 +1270,7 @@ def test_iseat_trains_switches_lambda_at_milestone_and_eval_reads_it(cifar, tmp_
     real = iseat.rank_weights
     monkeypatch.setattr(iseat, "rank_weights", lambda av: calls.append(len(av)) or real(av))
     base = ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
-            "--batch-size", "32", "--val-size", "40", "--max-batches", "3"]
+            "--batch-size", "32", "--val-size", "40", "--max-batches", "3", "--device", DEV]
     iseat.main(base + ["--out", str(tmp_path / "i")])
     assert len(calls) == 3  # the smoothing term is on from the first milestone (epoch 2) only
     log = [json.loads(line) for line in open(tmp_path / "i" / "log.jsonl")]
@@ -791,15 +1279,193 @@ def test_iseat_trains_switches_lambda_at_milestone_and_eval_reads_it(cifar, tmp_
     iseat.main(base + ["--wa", "--out", str(tmp_path / "iwa")])
     ck = torch.load(tmp_path / "iwa" / "last.pt", weights_only=True)
     assert ck["method"] == "iseat" and ck["wa_n"] == 6 and ck["args"]["awp_gamma"] == 7e-3
-    res = evaluate.main([str(tmp_path / "iwa" / "last.pt"), "--weights", "wa", "--attacks", "clean", "cw",
-                         "--n-examples", "8"])
-    assert 0 <= res[str(tmp_path / "iwa" / "last.pt")]["results"]["cw"]["accuracy"] <= 100
+    res = ev([str(tmp_path / "iwa" / "last.pt"), "--weights", "wa", "--attacks", "clean", "cw",
+              "--n-examples", "8"])
+    assert 0 <= res[str(tmp_path / "iwa" / "last.pt")]["ran"]["cw"]["accuracy"] <= 100
+    # the training attack has no random start, unless asked for (Wu et al.'s AWP)
+    starts = []
+    real_pgd = attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: starts.append(k.get("random_start")) or real_pgd(*a, **k))
+    for flag in ([], ["--random-start"]):
+        iseat.main(base + flag + ["--epochs", "1", "--max-batches", "1", "--val-size", "0",
+                                  "--out", str(tmp_path / f"rs{len(flag)}")])
+    assert starts == [False, True]
+
+
+# ---------------------------------------------------------------- TRADES and MART
+
+import math  # noqa: E402
+
+
+def softmax_list(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def slow_trades(za, zc, y, beta):
+    """CE(f(x), y) + beta/B sum_i sum_c p_ic (log p_ic - log p'_ic), one sample and one class at a time."""
+    B, C = za.shape
+    ce = kl = 0.0
+    for i in range(B):
+        pa, pc = softmax_list(za[i].tolist()), softmax_list(zc[i].tolist())
+        ce += -math.log(pc[int(y[i])])
+        kl += sum(pc[c] * (math.log(pc[c]) - math.log(pa[c])) for c in range(C))
+    return ce / B + beta * kl / B
+
+
+def slow_mart(za, zc, y, beta):
+    """Boosted CE on x' (its largest wrong class found by a loop) + beta/B sum_i KL_i (1.0000001 - p_y(x_i))."""
+    B, C = za.shape
+    bce = robust = 0.0
+    for i in range(B):
+        pa, pc = softmax_list(za[i].tolist()), softmax_list(zc[i].tolist())
+        t = int(y[i])
+        wrong = max((c for c in range(C) if c != t), key=lambda c: pa[c])
+        bce += -math.log(pa[t]) - math.log(1.0001 - pa[wrong] + 1e-12)
+        kl = sum(pc[c] * (math.log(pc[c]) - math.log(pa[c] + 1e-12)) for c in range(C))
+        robust += kl * (1.0000001 - pc[t])
+    return bce / B + beta * robust / B
+
+
+@pytest.mark.parametrize("name", ["trades", "mart"])
+def test_trades_and_mart_losses_match_slow_loops(name):
+    fn, slow = (trades.trades_loss, slow_trades) if name == "trades" else (mart.mart_loss, slow_mart)
+    torch.manual_seed(0)
+    za, zc = torch.randn(6, 5, dtype=torch.float64) * 2, torch.randn(6, 5, dtype=torch.float64) * 2
+    y = torch.randint(0, 5, (6,))
+    y[0] = za[0].argmax()  # one sample whose adversarial prediction is still right: its wrong class is the 2nd
+    for beta in (6.0, 1.0, 0.0):
+        got = fn(za.float(), zc.float(), y, beta)
+        assert got.dtype == torch.float32 and abs(got.item() - slow(za, zc, y, beta)) < 1e-4
+    # gradients flow through both branches (the clean prediction is no detached target): compare with central
+    # differences of the slow loop
+    a, c = za.float().requires_grad_(True), zc.float().requires_grad_(True)
+    fn(a, c, y, 6.0).backward()
+    h = 1e-4
+    for grad, which in ((a.grad, "adv"), (c.grad, "clean")):
+        for (i, j) in ((0, 0), (2, 3), (5, 1)):
+            plus, minus = za.clone(), za.clone()
+            if which == "clean":
+                plus, minus = zc.clone(), zc.clone()
+            plus[i, j] += h
+            minus[i, j] -= h
+            args_p = (plus, zc) if which == "adv" else (za, plus)
+            args_m = (minus, zc) if which == "adv" else (za, minus)
+            numeric = (slow(*args_p, y, 6.0) - slow(*args_m, y, 6.0)) / (2 * h)
+            assert abs(grad[i, j].item() - numeric) < 1e-3, (which, i, j)
+    assert c.grad.abs().sum() > 0 and a.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 even under autocast
+        assert fn(za.bfloat16(), zc.bfloat16(), y, 6.0).dtype == torch.float32
+
+
+def released_attack(model, x, y, eps, step, steps, kind):
+    """The released attack loops (TRADES trades.py, MART mart.py), written as they are there: nn.KLDivLoss with a
+    summed reduction / the mean CE, torch.min/max projection, then the box; the start noise is drawn like x."""
+    model.eval()
+    kl = nn.KLDivLoss(reduction="sum")
+    x_adv = x.detach() + 0.001 * torch.randn_like(x).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            if kind == "trades":
+                loss = kl(F.log_softmax(model(x_adv), dim=1), F.softmax(model(x), dim=1))
+            else:
+                loss = F.cross_entropy(model(x_adv), y)
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return torch.clamp(x_adv, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["trades", "mart"])
+def test_trades_and_mart_attacks_follow_the_released_loops(kind):
+    torch.manual_seed(0)
+    model = models.get_model("cnn", 10).to(DEV).eval()
+    x, y = torch.rand(8, 3, 12, 12, device=DEV), torch.randint(0, 10, (8,), device=DEV)
+    x[:2] = 1.0  # on the box's face
+    torch.manual_seed(5)
+    want = released_attack(model, x, y, 8 / 255, 2 / 255, 7, kind)
+    torch.manual_seed(5)
+    got = (trades.trades_attack(model, x, 8 / 255, 2 / 255, 7) if kind == "trades"
+           else mart.mart_attack(model, x, y, 8 / 255, 2 / 255, 7))
+    assert same(got, want)
+    assert (got - x).abs().max() <= 8 / 255 + 1e-6 and got.min() >= 0 and got.max() <= 1
+    assert all(p.grad is None for p in model.parameters())  # input gradients only
+
+
+def test_trades_and_mart_released_settings_and_training(cifar, tmp_path, monkeypatch):
+    a = trades.get_args(["--released"])
+    assert (a.eps, a.alpha, a.wd, a.epochs, a.milestones, a.beta) == (0.031, 0.007, 2e-4, 76, [75, 90, 100], 6.0)
+    a = mart.get_args(["--released", "--eps", "8/255", "--epochs", "3"])  # flags given explicitly still win
+    assert (a.eps, a.alpha, a.epochs) == (8 / 255, 0.007, 3)
+    a = trades.get_args([])
+    assert (a.eps, a.alpha, a.wd, a.epochs, a.milestones) == (8 / 255, 2 / 255, 5e-4, 100, [75, 90])
+    # both train and switch the attack to eval mode, then the forwards to train mode; eval.py reads them
+    root, _ = cifar
+    for module in (trades, mart):
+        modes = []
+        real = module.trades_attack if module is trades else module.mart_attack
+        attack_name = "trades_attack" if module is trades else "mart_attack"
+        monkeypatch.setattr(module, attack_name,
+                            lambda model, *a, **k: modes.append(model.training) or real(model, *a, **k))
+        out = tmp_path / module.__name__
+        module.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
+                     "--batch-size", "32", "--val-size", "40", "--max-batches", "2", "--out", str(out),
+                     "--device", DEV])
+        assert modes == [False] * 4
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert [r["epoch"] for r in log] == [1, 2] and all(r["train_kl"] >= 0 for r in log)
+        ck = torch.load(out / "best.pt", weights_only=True)
+        assert ck["method"] == module.__name__ and ck["args"]["beta"] == 6.0
+        res = ev([str(out / "best.pt"), "--attacks", "clean", "fgsm", "--n-examples", "8"])
+        assert 0 <= res[str(out / "best.pt")]["ran"]["fgsm"]["accuracy"] <= 100
+
+
+# ---------------------------------------------------------------- the report
+
+def test_report_writes_the_table_and_the_curves(cifar, tmp_path):
+    import csv
+    import report
+    root, _ = cifar
+    runs = tmp_path / "runs"
+    at.main(at_args(root, runs / "at", "--wa", "--wa-mode", "swa", "--max-batches", "2"))
+    sar.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--epochs", "2", "--milestones", "1",
+              "--batch-size", "32", "--val-size", "40", "--max-batches", "2", "--out", str(runs / "sar"),
+              "--device", DEV])
+    ev([str(runs / "at" / "best.pt"), "--attacks", "clean", "fgsm", "pgd", "--n-examples", "16", "--pgd-steps", "2"])
+    ev([str(runs / "at" / "best.pt"), "--attacks", "pgd", "--n-examples", "8", "--pgd-steps", "2"])  # fewer images
+    ev([str(runs / "at" / "last.pt"), "--weights", "wa", "--attacks", "clean", "--n-examples", "16"])
+    ev([str(runs / "sar" / "last.pt"), "--attacks", "clean", "pgd", "--n-examples", "16", "--pgd-steps", "4"])
+    (runs / "empty").mkdir()
+    rows = report.main([str(runs / "*"), "--out", str(tmp_path / "rep")])
+    got = {(r["run"], r["checkpoint"]) for r in rows}
+    assert got == {("at", "best"), ("at", "last"), ("at", "wa best"), ("at", "last, wa"), ("sar", "best"),
+                   ("sar", "last")}
+    md = open(tmp_path / "rep" / "report.md").read()
+    best_eval = stored(runs / "at" / "best.eval.json")
+    pgd16 = by_name(best_eval, "pgd", 16)[0]
+    row = [r for r in rows if (r["run"], r["checkpoint"]) == ("at", "best")][0]
+    assert row["pgd"]["accuracy"] == pgd16["accuracy"]  # the result on the most images, not the later smaller one
+    log = [json.loads(line) for line in open(runs / "at" / "log.jsonl")]
+    assert row["epoch"] == max(log, key=lambda r: r["val_pgd"])["epoch"] and row["epochs"] == "3/3"
+    # two PGD settings in the column (PGD-2 for at, PGD-4 for sar): numbered notes, each with its settings
+    assert "[pgd1] PGD: PGD-2 (Linf, eps 8/255, step 2/255, random start, 1 restart), first 16 test images" in md
+    assert "[pgd2] PGD: PGD-4" in md and "- FGSM: FGSM (Linf, eps 8/255" in md
+    lines = [line for line in md.splitlines() if line.startswith("| at | best |")]
+    assert len(lines) == 1 and f"{pgd16['accuracy']:.2f} [pgd1]" in lines[0]
+    (sar_last,) = [line for line in md.splitlines() if line.startswith("| sar | last |")]
+    assert sar_last.split("|")[10].strip() != "" and sar_last.split("|")[11].strip() == ""  # clean, no FGSM: empty
+    with open(tmp_path / "rep" / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    (c,) = [r for r in table if (r["run"], r["checkpoint"]) == ("at", "best")]
+    assert float(c["pgd"]) == pgd16["accuracy"] and c["pgd_n"] == "16" and c["pgd_attack"].startswith("PGD-2 ")
+    assert c["aa"] == "" and c["val_attack"] == "PGD-10"
+    assert os.path.getsize(tmp_path / "rep" / "curves.png") > 10000
 
 
 # ---------------------------------------------------------------- several processes (torchrun, gloo on the CPU)
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 LAUNCHER = '''
 import importlib, os, sys
@@ -807,9 +1473,9 @@ sys.path.insert(0, {repo!r})
 import torch, torch.nn as nn
 import models
 if os.environ.get("NO_BN"):  # a model without batch statistics, for the single-process comparison
-    def no_bn(arch, n):
-        m = models.SmallCNN(n)
-        m.bn1, m.bn2 = nn.Identity(), nn.Identity()
+    def no_bn(arch, n, in_channels=3):
+        m = models.SmallCNN(n, in_channels)
+        m.bn1, m.bn2, m.bn3, m.bn4 = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
         return m
     models.get_model = no_bn
 if os.environ.get("CIFAR_ROOT"):  # synthetic CIFAR-10 files: their own checksums, as in the in-process tests
@@ -857,10 +1523,10 @@ def assert_close_states(a, b, atol=0.0):
 
 
 DDP_ARGS = ["--dataset", "synthetic", "--arch", "cnn", "--max-batches", "3", "--val-size", "50",
-            "--batch-size", "32", "--milestones", "1"]
+            "--batch-size", "32", "--milestones", "1", "--device", "cpu"]  # gloo: CPU processes, also with DEVICE=cuda
 
 
-@pytest.mark.parametrize("method", ["at", "sar", "iseat"])
+@pytest.mark.parametrize("method", ["at", "sar", "iseat", "trades", "mart"])
 def test_torchrun_ranks_end_with_the_same_weights(cifar, tmp_path, method):
     args = DDP_ARGS + ["--epochs", "2", "--wa", "--out", str(tmp_path / "run")]
     if method == "at":  # files on disk: rank 0 reads (or downloads) first, the others wait for it
@@ -892,11 +1558,34 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path):
 
 def test_bench_mode_prints_throughput_and_keeps_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    small = ["--bench", "--dataset", "synthetic", "--arch", "cnn", "--max-batches", "2", "--batch-size", "16"]
+    small = ["--bench", "--dataset", "synthetic", "--arch", "cnn", "--max-batches", "2", "--batch-size", "16",
+             "--device", DEV]
     at.main(small)
     sar.main(small)
-    iseat.main(small + ["--compile"])  # torch.compile with the out-of-place perturbed forward
+    trades.main(small)
+    mart.main(small)
+    iseat.main(small + ["--compile"])  # torch.compile (inductor) with the out-of-place perturbed forward
     out = capsys.readouterr().out
-    assert out.count("benchmark:") == 3 and "compile=True" in out
-    assert "train_sar" in out and "train_smooth" in out  # the methods' terms are on while benchmarking
+    assert out.count("benchmark:") == 5 and "compile=True" in out
+    assert "train_sar" in out and "train_smooth" in out and out.count("train_kl") == 4  # the terms are on
     assert list(tmp_path.iterdir()) == []
+    # forward-equivalents per image behind the TFLOP/s figure: AT 23, SAR 26, TRADES 27, MART 26, ISEAT 29
+    passes = [int(m) for m in __import__("re").findall(r"GFLOP/image x (\d+) forward-equivalents", out)]
+    assert passes == [23, 26, 27, 26, 29]
+
+
+def test_bench_py_prints_the_speed_table_and_writes_json(tmp_path):
+    import bench
+    res = bench.main(["--quick", "--out", str(tmp_path / "bench.json"), "--device", DEV])
+    saved = json.load(open(tmp_path / "bench.json"))
+    assert saved["markdown"] == res["markdown"] and saved["device"] == res["device"]
+    for method in ("at", "sar", "iseat", "trades", "mart"):
+        r = saved["runs"][method]["cnn"]["fp32"]
+        assert r["img_per_s"] > 0 and r["tflops"] > 0
+        ratio = saved["ratios"][method]["cnn"]["fp32"]  # step time relative to at.py: at's images/s over its own
+        assert ratio == pytest.approx(saved["runs"]["at"]["cnn"]["fp32"]["img_per_s"] / r["img_per_s"], rel=1e-2)
+    assert saved["largest_batch"]["cnn"]["batch"] == 128
+    assert "| cnn |" in res["markdown"] and "| iseat | cnn |" in res["markdown"]
+    assert bench.peak_of("NVIDIA H100 80GB HBM3", None) == (989.0, "H100")
+    assert bench.peak_of("NVIDIA H100 PCIe", None) == (756.0, "H100 PCIe")
+    assert bench.peak_of("NVIDIA H200", None)[0] == 989.0 and bench.peak_of("Some GPU", 123.0) == (123.0, "given")

@@ -1,0 +1,217 @@
+"""The comparison table and the training curves of a set of runs, from what the runs and eval.py wrote.
+
+    python report.py runs/*                         # runs/report/report.md, report.csv and curves.png
+    python report.py runs/sar-* runs/at-* --out results
+
+Table: one row per run and checkpoint (best.pt, last.pt, wa_best.pt, and last.pt's weight average when it was
+evaluated): method, network, data set, epochs trained, the epoch the checkpoint holds, its validation clean and PGD
+accuracy, and every eval.py result found beside it (NAME.eval.json): clean, FGSM, PGD, CW, AutoAttack and the
+per-image worst case. Where a checkpoint was evaluated more than once with the same attack, the result on the most
+images (then the newest) is shown. Each attack's settings and number of images are given below the table (numbered
+where the rows differ); the CSV carries them in every row. Missing cells stay empty.
+
+Curves (PNG): validation PGD and clean accuracy per epoch for every run, one colour per run, the weight average
+dashed, the lr milestones as dotted vertical lines in the run's colour; train loss and the method's own term (SAR's
+spectral term, ISEAT's smoothing, the TRADES / MART KL) in a third panel.
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+
+import utils
+
+CHECKPOINTS = (("best.pt", "model", "best"), ("last.pt", "model", "last"), ("wa_best.pt", "model", "wa best"),
+               ("last.pt", "wa", "last, wa"))
+ATTACK_COLUMNS = (("clean", "clean"), ("fgsm", "FGSM"), ("pgd", "PGD"), ("cw", "CW"), ("aa", "AutoAttack"),
+                  ("worst", "worst case"))
+TERMS = {"train_sar": "SAR term", "train_smooth": "smoothing term", "train_kl": "KL term"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Comparison table and training curves of training runs")
+    p.add_argument("runs", nargs="+", help="run folders (each with log.jsonl and checkpoints)")
+    p.add_argument("--out", default=os.path.join("runs", "report"), help="folder for report.md, report.csv and "
+                                                                            "curves.png")
+    args = utils.parse_args(p, argv)
+    return args
+
+
+def read_log(run):
+    path = os.path.join(run, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pick(results, name):
+    """The stored result of one attack: the one on the most images, then the newest."""
+    found = [r for r in results.values() if r.get("name") == name]
+    return max(found, key=lambda r: (r["n_examples"], r.get("date") or "")) if found else None
+
+
+def rows_of(run):
+    """One row per checkpoint of the run that exists."""
+    rows = []
+    log = read_log(run)
+    for fname, weights, label in CHECKPOINTS:
+        path = os.path.join(run, fname)
+        if not os.path.exists(path):
+            continue
+        stem = os.path.splitext(path)[0] + (".wa" if weights == "wa" else "")
+        results = {}
+        if os.path.exists(stem + ".eval.json"):
+            with open(stem + ".eval.json") as f:
+                results = json.load(f).get("results", {})
+        ck = utils.load_checkpoint(path, mmap=True)
+        if not isinstance(ck, dict) or ck.get("format") != utils.CKPT_FORMAT:
+            continue
+        if weights == "wa" and not results:
+            continue  # last.pt's average appears only when it was evaluated
+        a, m = ck["args"], ck.get("metrics") or {}
+        prefix = "wa_" if (weights == "wa" or ck.get("weights") == "wa") else ""
+        row = dict(run=os.path.basename(os.path.normpath(run)), checkpoint=label, method=ck["method"],
+                   network=ck["arch"], dataset=ck["dataset"], epochs=f"{len(log)}/{a['epochs']}", epoch=ck["epoch"],
+                   val_clean=m.get(prefix + "val_clean"), val_pgd=m.get(prefix + "val_pgd"),
+                   val_attack=f"PGD-{a.get('val_steps', a.get('steps'))}" if a.get("eps", 1) > 0 else "")
+        for name, _ in ATTACK_COLUMNS:
+            r = pick(results, name)
+            row[name] = r
+        rows.append(row)
+    return rows
+
+
+def fmt(v, digits=2):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def table(rows):
+    """Markdown table + the legend of attack settings; and the CSV text."""
+    legend, notes = [], {}
+    for name, title in ATTACK_COLUMNS:
+        settings = sorted({(r[name]["attack"], r[name]["n_examples"]) for r in rows if r[name]})
+        if len(settings) == 1:
+            legend.append(f"- {title}: {settings[0][0]}, first {settings[0][1]} test images")
+        elif settings:
+            for i, s in enumerate(settings, 1):
+                notes[(name, s)] = f"{name}{i}"
+                legend.append(f"- [{name}{i}] {title}: {s[0]}, first {s[1]} test images")
+    head = ["run", "checkpoint", "method", "network", "data set", "epochs", "epoch", "val clean", "val PGD"]
+    head += [title for _, title in ATTACK_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], r["checkpoint"], r["method"], r["network"], r["dataset"], r["epochs"], str(r["epoch"]),
+                 fmt(r["val_clean"]), fmt(r["val_pgd"]) + (f" ({r['val_attack']})" if r["val_pgd"] is not None else "")]
+        for name, _ in ATTACK_COLUMNS:
+            res = r[name]
+            note = notes.get((name, (res["attack"], res["n_examples"]))) if res else None
+            cells.append("" if res is None else fmt(res["accuracy"]) + (f" [{note}]" if note else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n\nAccuracy in %. Attack settings:\n" + "\n".join(legend) + "\n"
+    buf = io.StringIO()
+    fields = ["run", "checkpoint", "method", "network", "dataset", "epochs", "epoch", "val_clean", "val_pgd",
+              "val_attack"]
+    for name, _ in ATTACK_COLUMNS:
+        fields += [name, f"{name}_attack", f"{name}_n"]
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        out = {k: r[k] for k in fields[:10]}
+        for name, _ in ATTACK_COLUMNS:
+            res = r[name]
+            out.update({name: res["accuracy"] if res else "", f"{name}_attack": res["attack"] if res else "",
+                        f"{name}_n": res["n_examples"] if res else ""})
+        w.writerow(out)
+    return md, buf.getvalue()
+
+
+def plot_curves(runs, path):
+    """Validation PGD / clean accuracy per epoch (WA dashed, milestones dotted) and train loss + method term."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    colours = plt.get_cmap("tab10").colors
+    handles = []
+    for i, (run, log, milestones) in enumerate(runs):
+        c = colours[i % len(colours)]
+        label = os.path.basename(os.path.normpath(run))
+        ep = [r["epoch"] for r in log]
+        for ax, key in ((axes[0], "val_pgd"), (axes[1], "val_clean")):
+            for prefix, style in (("", "-"), ("wa_", "--")):
+                pts = [(e, r.get(prefix + key)) for e, r in zip(ep, log) if r.get(prefix + key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, color=c, marker="o" if len(pts) < 15 else None, markersize=3)
+        axes[2].plot(ep, [r["train_loss"] for r in log], "-", color=c)
+        for term in TERMS:
+            pts = [(e, r[term]) for e, r in zip(ep, log) if r.get(term) is not None]
+            if pts:
+                axes[2].plot(*zip(*pts), ":", color=c, marker="x", markersize=3)
+        for ax in axes:
+            for m in milestones:
+                if ep and m < max(ep):
+                    ax.axvline(m + 0.5, color=c, linestyle=":", linewidth=1, alpha=0.6)
+        handles.append(Line2D([], [], color=c, label=label))
+    axes[0].set_title("validation PGD accuracy (each run's --val-steps)")
+    axes[1].set_title("validation clean accuracy")
+    axes[2].set_title("training: loss (solid) and the method's term (dotted, x)")
+    for ax in axes[:2]:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("value (log scale)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    styles = [Line2D([], [], color="grey", linestyle="-", label="model weights"),
+              Line2D([], [], color="grey", linestyle="--", label="weight average"),
+              Line2D([], [], color="grey", linestyle=":", label="lr decay (after that epoch)")]
+    fig.legend(handles=handles + styles, loc="lower center", ncol=min(6, len(handles) + 3), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(handles) + 2) // 6), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    runs = []
+    for pattern in args.runs:
+        for run in sorted(glob.glob(pattern)) or [pattern]:
+            if os.path.abspath(run) == os.path.abspath(args.out) or os.path.isfile(run):
+                continue  # the report's own folder, files beside the runs
+            if os.path.isdir(run) and (glob.glob(os.path.join(glob.escape(run), "*.pt"))
+                                       or os.path.exists(os.path.join(run, "log.jsonl"))):
+                runs.append(run)
+            else:
+                print(f"skipped {run}: not a run folder (no log.jsonl or checkpoints)")
+    utils.require(runs, "no run folders among the arguments; pass folders written by the training scripts")
+    utils.check_writable(args.out)
+    rows, curves = [], []
+    for run in runs:
+        rows += rows_of(run)
+        log = read_log(run)
+        if log:
+            last = os.path.join(run, "last.pt")
+            ck = utils.load_checkpoint(last, mmap=True) if os.path.exists(last) else {}
+            curves.append((run, log, ck.get("args", {}).get("milestones", [])))
+    md, csv_text = table(rows)
+    print(md)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "report.csv"), "w") as f:
+        f.write(csv_text)
+    written = ["report.md", "report.csv"]
+    if curves:
+        plot_curves(curves, os.path.join(args.out, "curves.png"))
+        written.append("curves.png")
+    print("wrote " + ", ".join(os.path.join(args.out, w) for w in written))
+    return rows
+
+
+if __name__ == "__main__":
+    utils.cli(main)
