@@ -15,6 +15,8 @@ over all 2*B*C numbers; lambda = 0.1. Choices that follow the authors' released 
   - best.pt is chosen on validation PGD-20 (--val-steps 20), the released code's main criterion.
 Schedule of the paper: 100 epochs, lr x0.1 at 75 and 90, 5,000 validation images; the paper's network is
 WRN-34-10 (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --wa (SWA from the first milestone).
+--sar-lambda 0 is the SAR authors' own AT baseline (eval-mode attack, this schedule); with --wa it is their AT+SWA,
+for which --wa-bn adversarial matters (its training forwards then see only adversarial batches: see wa.py).
 
     python sar.py                                  # CIFAR-10, the paper's schedule
     python sar.py --dataset cifar100 --wa          # SAR + WA
