@@ -69,7 +69,6 @@ def get_args(argv=None):
     args = utils.parse_args(p, argv)
     args.out = args.out or os.path.join("runs", f"at-{args.dataset}-{args.arch}")
     utils.check_train_args(args)
-    utils.require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
     if args.bench:
         utils.bench_settings(args)
     return args

@@ -127,11 +127,13 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
     return result
 
 
-def radius(v, norm="Linf"):
-    """8/255 as '8/255', other L-inf radii and steps (0.1, 0.031) as plain numbers; L2 radii as numbers."""
-    if norm == "Linf" and abs(v * 255 - round(v * 255)) < 1e-6 and v > 0:
-        return f"{round(v * 255)}/255"
-    return f"{v:.4g}"
+def radius(v, norm="Linf", digits=4):
+    """An L-inf radius or step as the user would write it: 8/255 for multiples of 1/255 in (0, 1] (-8/255 too),
+    anything else (0.1, 0.031, 8, L2 radii) as a number with `digits` significant digits."""
+    k = v * 255
+    if norm == "Linf" and 0 < abs(v) <= 1 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{v:.{digits}g}"
 
 
 def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1):

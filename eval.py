@@ -232,14 +232,18 @@ def run_attack(model, name, x, y, args, store, save):
         if bool(entry["done"].all()):
             entry["date"] = utils.now()  # when the result was completed
         save()
-        done = entry["done"].clone()
-        n_done = sum(min(n, (i + 1) * chunk) - i * chunk for i in range(n_chunks) if done[i])
-        acc = 100 * entry["correct"][torch.repeat_interleave(done, chunk)[:n]].float().mean().item()
+        done_images = torch.repeat_interleave(entry["done"], chunk)[:n]
+        acc = 100 * entry["correct"][done_images].float().mean().item()
         elapsed = time.time() - t0
-        left = elapsed / (int(done.sum()) - done_before) * int((~done).sum())
-        sys.stderr.write(f"  {desc}: {n_done}/{n} images, {acc:.2f} % so far, {elapsed:.0f} s, ~{left:.0f} s left\n")
+        left = elapsed / (int(entry["done"].sum()) - done_before) * int((~entry["done"]).sum())
+        sys.stderr.write(f"  {desc}: {int(done_images.sum())}/{n} images, {acc:.2f} % so far, {elapsed:.0f} s, "
+                         f"~{left:.0f} s left\n")
         sys.stderr.flush()
     return key, entry, True
+
+
+def worst_key(n):
+    return f"worst case | first {n} test images"
 
 
 def summary(store, n):
@@ -258,7 +262,7 @@ def summary(store, n):
     if sum(e["name"] != "clean" for e in used) >= 2:
         names = ", ".join(e["attack"].split(" (")[0] + ("" if e["seed"] == used[0]["seed"] else f" seed {e['seed']}")
                           for e in used)
-        results[f"worst case | first {n} test images"] = dict(
+        results[worst_key(n)] = dict(
             name="worst", attack=f"worst case over: {names} (per image)",
             accuracy=round(100 * worst.float().mean().item(), 4), n_examples=n, seed=None, date=utils.now(),
             seconds=0.0)
@@ -302,9 +306,8 @@ def main(argv=None):
             ran[name] = r
             when = "" if computed else f"   (stored {r['date']}; --redo runs it again)"
             print(f"  {r['attack']:<66} {r['accuracy']:6.2f} %  {r['seconds']:8.1f} s{when}", flush=True)
-        worst_key = f"worst case | first {n} test images"
-        if args.attacks and worst_key in record["results"]:
-            r = record["results"][worst_key]
+        if args.attacks and worst_key(n) in record["results"]:
+            r = record["results"][worst_key(n)]
             ran["worst"] = r
             print(f"  {r['attack']}: {r['accuracy']:.2f} %")
         pgd_name = attacks.describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)

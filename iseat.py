@@ -82,7 +82,6 @@ def get_args(argv=None):
     args = utils.parse_args(p, argv)
     args.out = args.out or os.path.join("runs", f"iseat-{args.dataset}-{args.arch}")
     utils.check_train_args(args)
-    utils.require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
     utils.require(args.awp_gamma >= 0, f"--awp-gamma {args.awp_gamma:g}: use a size >= 0 (0: no AWP)")
     utils.require(args.awp_eta > 0, f"--awp-eta {args.awp_eta:g}: use a positive proxy step")
     utils.require(all(v >= 0 for v in args.lam), f"--lam {' '.join(map(str, args.lam))}: use weights >= 0")

@@ -81,7 +81,6 @@ def get_args(argv=None):
     args = utils.parse_args(p, argv)
     args.out = args.out or os.path.join("runs", f"mart-{args.dataset}-{args.arch}")
     utils.check_train_args(args)
-    utils.require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
     utils.require(args.beta >= 0, f"--beta {args.beta:g}: use a weight >= 0")
     if args.bench:
         utils.bench_settings(args)

@@ -53,10 +53,9 @@ def pick(results, name):
     return max(found, key=lambda r: (r["n_examples"], r.get("date") or "")) if found else None
 
 
-def rows_of(run):
-    """One row per checkpoint of the run that exists."""
-    rows = []
-    log = read_log(run)
+def rows_of(run, log):
+    """One row per checkpoint of the run that exists (each file read once), and the run's lr milestones."""
+    rows, cks = [], {}
     for fname, weights, label in CHECKPOINTS:
         path = os.path.join(run, fname)
         if not os.path.exists(path):
@@ -66,11 +65,13 @@ def rows_of(run):
         if os.path.exists(stem + ".eval.json"):
             with open(stem + ".eval.json") as f:
                 results = json.load(f).get("results", {})
-        ck = utils.load_checkpoint(path, mmap=True)
-        if not isinstance(ck, dict) or ck.get("format") != utils.CKPT_FORMAT:
-            continue
         if weights == "wa" and not results:
             continue  # last.pt's average appears only when it was evaluated
+        if fname not in cks:
+            cks[fname] = utils.load_checkpoint(path, mmap=True)
+        ck = cks[fname]
+        if not isinstance(ck, dict) or ck.get("format") != utils.CKPT_FORMAT:
+            continue
         a, m = ck["args"], ck.get("metrics") or {}
         prefix = "wa_" if (weights == "wa" or ck.get("weights") == "wa") else ""
         row = dict(run=os.path.basename(os.path.normpath(run)), checkpoint=label, method=ck["method"],
@@ -81,7 +82,10 @@ def rows_of(run):
             r = pick(results, name)
             row[name] = r
         rows.append(row)
-    return rows
+    last = cks.get("last.pt") or (utils.load_checkpoint(os.path.join(run, "last.pt"), mmap=True)
+                                  if os.path.exists(os.path.join(run, "last.pt")) else {})
+    milestones = last.get("args", {}).get("milestones", []) if isinstance(last, dict) else []
+    return rows, milestones
 
 
 def fmt(v, digits=2):
@@ -193,12 +197,11 @@ def main(argv=None):
     utils.check_writable(args.out)
     rows, curves = [], []
     for run in runs:
-        rows += rows_of(run)
         log = read_log(run)
+        run_rows, milestones = rows_of(run, log)
+        rows += run_rows
         if log:
-            last = os.path.join(run, "last.pt")
-            ck = utils.load_checkpoint(last, mmap=True) if os.path.exists(last) else {}
-            curves.append((run, log, ck.get("args", {}).get("milestones", [])))
+            curves.append((run, log, milestones))
     md, csv_text = table(rows)
     print(md)
     with open(os.path.join(args.out, "report.md"), "w") as f:

@@ -78,7 +78,6 @@ def get_args(argv=None):
     args = utils.parse_args(p, argv)
     args.out = args.out or os.path.join("runs", f"sar-{args.dataset}-{args.arch}")
     utils.check_train_args(args)
-    utils.require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
     utils.require(args.sar_lambda >= 0, f"--sar-lambda {args.sar_lambda:g}: use a weight >= 0")
     utils.require(args.sar_start_epoch >= 0, f"--sar-start-epoch {args.sar_start_epoch}: use an epoch >= 0")
     if args.bench:

@@ -53,9 +53,8 @@ def parse_args(parser, argv=None):
 
 
 def show(v):
-    """A radius as the user would write it: 8/255 for multiples of 1/255 in (0, 1], else the number."""
-    k = v * 255
-    return f"{round(k)}/255" if 0 < abs(v) <= 1 and abs(k - round(k)) < 1e-6 else f"{v:g}"
+    """A radius in an error message: as the user would write it, 6 significant digits otherwise."""
+    return attacks.radius(v, digits=6)
 
 
 def require(ok, message):
@@ -98,6 +97,7 @@ def check_train_args(args):
     require(all(m >= 1 for m in args.milestones) and args.milestones == sorted(set(args.milestones)),
             f"--milestones {' '.join(map(str, args.milestones))}: give increasing epochs >= 1")
     require(0 < args.wa_decay < 1, f"--wa-decay {args.wa_decay:g}: use a decay in (0, 1), e.g. 0.999")
+    require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
     require(args.seed >= 0, f"--seed {args.seed}: use a seed >= 0")
     check_device(args.device)
 
@@ -297,23 +297,23 @@ def describe_wa(args):
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(obj, path):
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temp file beside `path` (NAME.tmpPID), fsync, rename: a write killed at any moment leaves
+    `path` as it was (and a temp file that the next run clears, see remove_stale_temp_files)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_json(obj, path):
-    """Atomic JSON write (temp file, fsync, rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
 def load_checkpoint(path, mmap=False):
@@ -448,7 +448,7 @@ def distributed_setup(device):
     """Under torchrun (WORLD_SIZE > 1) joins the process group and picks this rank's GPU.
     Returns (device, rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = check_device(device)
+    device = torch.device(device)  # checked with the other flags (check_train_args)
     if world == 1:
         return device, 0, 1
     rank = int(os.environ["RANK"])
