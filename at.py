@@ -6,171 +6,82 @@ with the recipe of Rice, Wong, Kolter, "Overfitting in adversarially robust deep
     min_theta  E_(x,y) [ max_{||x' - x||_inf <= eps}  CE(f_theta(x'), y) ]
 
 the inner max approximated by PGD-10 (eps 8/255, step 2/255, random start) with the network in train mode.
-PreActResNet-18, SGD lr 0.1 (x0.1 at epochs 100 and 150), momentum 0.9, weight decay 5e-4, batch 128, 200 epochs;
-the best checkpoint is chosen by PGD-10 accuracy on a held-out split of the training set (Rice et al.'s early
-stopping against robust overfitting; --val-steps). Rice et al.'s CIFAR-100 script also rotates the training images
-by up to 15 degrees: --rotate 15. --eps 0 is natural training (no attack; best.pt is then chosen on clean accuracy).
+PreActResNet-18, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs; the best checkpoint is chosen by
+PGD-10 accuracy on a held-out split of the training set (Rice et al.'s early stopping against robust overfitting).
+As Rice et al.'s released script (train_cifar.py), the lr is set before every step from t = epoch + (i + 1) / batches
+(0-based epoch, batch i): x0.1 once t reaches 100 and again at 150, so the last step of epochs 100 and 150 (1-based)
+already runs at the lower lr. Rice et al.'s CIFAR-100 script also rotates the training images by up to 15 degrees:
+--rotate 15. --eps 0 is natural training (no attack; best.pt is then chosen on clean accuracy).
 
     python at.py                                   # PreActResNet-18, CIFAR-10, the paper's setting
     python at.py --dataset cifar100 --wa --amp     # + EMA weight averaging, bf16 autocast
     torchrun --nproc_per_node=4 at.py --amp        # data-parallel on 4 GPUs, global batch still 128
     python at.py --bench --arch wrn34_10 --amp     # images/s of this configuration, in a minute
-    python at.py --dataset fashion_mnist --data-dir /usr/share/datasets/fashion-mnist --arch cnn --eps 0.1 \
-        --alpha 0.025 --epochs 3 --milestones 2     # real images on a CPU in minutes
 """
 import argparse
-import os
-import shutil
-import time
 
 import torch
 import torch.nn.functional as F
 
 import attacks
 import data
-import models
 import utils
 import wa
+from attacks import pgd
+
+
+def at_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, noise=None):
+    """PGD-AT's loss on one batch: x' = PGD-`steps` from a random start in the eps-ball, with the network in the mode
+    the caller left it in (train mode, as Rice et al.); then CE(f(x'), y). `noise`: the U(0, 1) draw of the random
+    start (default: drawn here). Returns (loss, adversarial logits); the caller owns zero_grad, backward and the
+    optimiser step. eps 0 is natural training (no attack)."""
+    x_adv = pgd(model, x, y, eps, alpha, steps, random_start=True, noise=noise) if eps > 0 else x
+    logits = model(x_adv)
+    return F.cross_entropy(logits.float(), y), logits
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="PGD adversarial training (Madry et al. 2018; Rice et al. 2020 recipe)")
-    p.add_argument("--dataset", default="cifar10", help=", ".join(data.DATASETS))
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--arch", default="preact_resnet18", help=", ".join(models.ARCHS))
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--milestones", type=int, nargs="*", default=[100, 150], help="epochs where lr is multiplied by 0.1")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
-    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
-    p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
-    p.add_argument("--val-steps", type=int, default=10, help="PGD steps of validation (Rice et al.: 10)")
-    p.add_argument("--val-size", type=int, default=1000, help="held-out training images for choosing best.pt")
-    p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
-    p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
-    p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
-    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa"])
-    p.add_argument("--wa-decay", type=float, default=0.999)
-    p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
-    p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"],
-                   help="images of SWA's BatchNorm recomputation (adversarial: PGD examples, for PGD-AT)")
-    p.add_argument("--out", default=None, help="output folder (default runs/at-DATASET-ARCH)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training and attacks")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
-    p.add_argument("--bench", action="store_true",
-                   help="measure images/s: 2 epochs of --max-batches (20) batches, no validation, nothing kept")
-    args = utils.parse_args(p, argv)
-    args.out = args.out or os.path.join("runs", f"at-{args.dataset}-{args.arch}")
-    utils.check_train_args(args)
-    if args.bench:
-        utils.bench_settings(args)
-    return args
+    utils.train_flags(p, "at", epochs=200, milestones=[100, 150], val_steps=10, val_size=1000)
+    return utils.parse_train_args(p, argv, "at")
 
 
 def main(argv=None):
     args = get_args(argv)
-    device, rank, world = utils.distributed_setup(args.device)  # world > 1 under torchrun
-    main_rank = rank == 0  # only rank 0 prints, logs, validates and writes checkpoints
+    device, rank, world = utils.distributed_setup(args.device, args.timeout)  # world > 1 under torchrun
     utils.require(args.batch_size >= world, f"--batch-size {args.batch_size} is smaller than the {world} processes")
-    eps, alpha = args.eps, args.alpha
-    torch.manual_seed(args.seed)  # the same on every rank: same initial weights, permutations, crops
+    ck = utils.start_run(args, "at", rank == 0)  # the output folder: writable, never clobbered, resumed exactly
+    torch.manual_seed(args.seed)  # the same on every rank: the same initial weights
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-    # ---- the output folder before any work: writable, no clobbering, resume only what can be resumed exactly
-    ck = utils.start_run(args, "at", main_rank)
-
-    # ---- data: uint8 tensors on the device; a fixed-seed validation split of the training set
     ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate)
-    n_train = len(ds["train_x"])
-    nb = data.num_batches(n_train, args.batch_size, args.max_batches)
+    # model: the weights (optimised, averaged, saved); net: the same network as the step calls it (utils.build)
+    model, net, opt, avg = utils.build(args, ds, device, world)
+    start, best = utils.resume(ck, args, model, opt, avg, rank == 0)
+    nb = data.num_batches(len(ds["train_x"]), args.batch_size, args.max_batches)
+    if rank == 0:
+        train = attacks.describe("pgd", args.eps, args.steps, args.alpha) if args.eps > 0 else \
+            "natural training (no attack)"
+        print(f"at.py: {args.arch} on {args.dataset} ({len(ds['train_x'])} train / {len(ds['val_x'])} val), "
+              f"{device} x {world}, train {train}, validation {utils.describe_validation(args)}, amp={args.amp}, "
+              f"compile={args.compile}, wa={utils.describe_wa(args)}", flush=True)
 
-    # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
-    model = models.get_model(args.arch, ds["num_classes"], ds["channels"]).to(device, memory_format=mem)
-    fast = torch.compile(model) if args.compile else model  # used for the attack and the training forward
-    # Several processes: the training forward goes through DDP, which averages gradients across ranks in
-    # backward; the attack runs on the plain module (input gradients only, no collective per PGD step).
-    train_model = torch.nn.parallel.DistributedDataParallel(fast) if world > 1 else fast
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
-    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
-    wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
-
-    # ---- resume: everything needed to continue exactly is in last.pt
-    start_epoch, best, wa_best = utils.resume(ck, args, model, opt, sched, avg, main_rank)
-    train_attack = attacks.describe("pgd", eps, args.steps, alpha) if eps > 0 else "natural training (no attack)"
-    if main_rank:
-        print(f"at.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), "
-              f"{device} x {world}, "
-              f"train {train_attack}, validation {'clean' if eps == 0 else f'clean + PGD-{args.val_steps}'}, "
-              f"amp={args.amp}, compile={args.compile}, wa={utils.describe_wa(args)}", flush=True)
-
-    for epoch in range(start_epoch, args.epochs):
-        # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
-        epoch_seed = args.seed * 100_003 + epoch
-        torch.manual_seed(epoch_seed)
-        model.train()
-        lr = opt.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
-        n_correct = torch.zeros((), device=device, dtype=torch.long)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
-        seen = 0
-        for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
-                                                augment=ds["augment"], seed=epoch_seed, rank=rank, world=world,
-                                                max_batches=args.max_batches, memory_format=mem)):
+    for epoch in range(start, args.epochs):
+        net.train()
+        sums, t0 = utils.start_epoch(device)
+        lr = utils.set_lr(opt, args, epoch)
+        for i, (x, y, noise, _) in enumerate(utils.train_batches(ds, args, epoch, rank, world, noise="uniform")):
+            utils.set_lr(opt, args, epoch + (i + 1) / nb)  # Rice et al.: the lr of t = epoch + (i + 1) / batches
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                # inner max: PGD-10 with random start, network in train mode (Madry et al.; Rice et al.)
-                x_adv = attacks.pgd(fast, x, y, eps, alpha, args.steps, random_start=True) if eps > 0 else x
-                logits = train_model(x_adv)
-                loss = F.cross_entropy(logits.float(), y)
-            # outer min. The attack took input gradients only, so no stale parameter gradient exists here.
-            opt.zero_grad(set_to_none=True)
+                loss, logits = at_objective(net, x, y, args.eps, args.alpha, args.steps, noise)
+            opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
             loss.backward()
             opt.step()
             wa.after_step(avg, model, args.wa_mode)
-            loss_sum += loss.detach() * len(y)
-            n_correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if main_rank:
-                utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
-        # the epoch's metrics, summed over ranks: the one host sync of the epoch (it waits for the GPU)
-        loss_sum, n_correct, seen = utils.reduce_sum(loss_sum, n_correct, seen, device=device)
-        train_time = time.time() - t0
-        sched.step()
-
-        # ---- weight averaging at the end of the epoch (SWA update + BatchNorm recomputation)
-        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, utils.bn_batches(ds, args, mem, model))
-        # BatchNorm statistics drift apart per rank within an epoch: every rank keeps rank 0's
-        utils.broadcast_buffers(model, avg.module if avg is not None else None)
-        if not main_rank:
-            continue
-
-        # ---- validation (Rice et al.: keep the checkpoint with the best held-out PGD accuracy)
-        val_clean, val_pgd = utils.validate(model, ds, eps, alpha, args.val_steps)
-        wa_clean, wa_pgd = utils.validate(avg.module, ds, eps, alpha, args.val_steps) if wa_ready else (None, None)
-        rec = utils.tidy(dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=100 * n_correct / seen,
-                              val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
-                              time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time))
-        utils.log_epoch(args.out, rec)
-
-        # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
-        info = utils.meta(args, "at", ds, epoch + 1, rec)
-        best, wa_best = utils.save_epoch(args, info, model, opt, sched, avg, best, wa_best)
-    if args.bench:
-        if main_rank:  # forward-equivalents per image: PGD steps 2 each, the training pass 3
-            utils.bench_report(args, model, ds, rec, world, passes=2 * args.steps * (eps > 0) + 3)
-        shutil.rmtree(args.out, ignore_errors=True)
-    utils.distributed_cleanup()
+            utils.tally(sums, y, loss, logits)
+        best = utils.end_epoch(args, "at", epoch, ds, model, avg, opt, best, sums, t0, lr)
+    # --bench's forward-equivalents per image: PGD steps 2 each (forward + input gradient), the training pass 3
+    utils.finish(args, "at", model, ds, world, passes=2 * args.steps * (args.eps > 0) + 3)
     return model, avg
 
 

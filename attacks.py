@@ -33,13 +33,16 @@ def _l2(v):
     return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
-def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, loss="ce", norm="Linf"):
-    """Projected gradient ascent on `loss` within the eps-ball around x and the [0,1] box; returns x' detached."""
+def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, loss="ce", norm="Linf", noise=None):
+    """Projected gradient ascent on `loss` within the eps-ball around x and the [0,1] box; returns x' detached.
+    The random start is x + U(-eps, eps); `noise` (L-inf only) is the U(0, 1) draw to take it from (default: drawn
+    here; the training loops pass one drawn for the global batch, so that N processes start where one would)."""
     x = x.detach()
     if not random_start:
         delta = torch.zeros_like(x)
     elif norm == "Linf":
-        delta = torch.empty_like(x).uniform_(-eps, eps)
+        u = torch.rand_like(x) if noise is None else noise
+        delta = u * (2 * eps) - eps
     else:  # L2: a uniform direction at a uniform radius in [0, eps]
         delta = torch.randn_like(x)
         delta = delta / _l2(delta) * eps * torch.rand(len(x), device=x.device).view(-1, *([1] * (x.dim() - 1)))

@@ -282,14 +282,16 @@ def random_augment(x, pad, flip=True, pad_mode="zero", rotate_deg=0.0, generator
 
 
 def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, world=1, max_batches=None,
-            memory_format=torch.contiguous_format):
-    """Yields (float images in [0,1], labels), all on x's device. `augment`: None, or a data set's augmentation
+            memory_format=torch.contiguous_format, noise=None):
+    """Yields (float images in [0,1], labels, noise), all on x's device. `augment`: None, or a data set's augmentation
     settings (load()["augment"]). With world > 1 every global batch of `batch_size` is split across ranks and rank
-    `rank` gets its part: the permutation and the augmentation are drawn for the global batch from `seed`, so the
-    data equal those of a single-process run."""
+    `rank` gets its part (torch.tensor_split: contiguous shards in rank order): the permutation and the augmentation
+    are drawn for the global batch from `seed`, so the data equal those of a single-process run. `noise` ("uniform":
+    U(0, 1), "normal": N(0, 1), or None) is drawn the same way, one tensor shaped like the global batch, of which
+    the rank gets its share: the random start of a training attack, the same for any number of processes."""
     n = len(x)
-    # with a seed, order and augmentation come from a generator of their own: they do not depend on how much
-    # randomness the training step draws (PGD starts), so they are the same for any number of processes
+    # with a seed, order, augmentation and noise come from a generator of their own: they do not depend on how much
+    # randomness the training step draws, so they are the same for any number of processes
     g = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
     idx = torch.randperm(n, device=x.device, generator=g) if shuffle else torch.arange(n, device=x.device)
     nb = num_batches(n, batch_size, max_batches)
@@ -298,9 +300,20 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
         xb, yb = x[j], y[j]
         if augment:  # drawn for the whole global batch, identical on every rank and to a single-process run
             xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
+        z = None
+        if noise is not None:
+            draw = torch.rand if noise == "uniform" else torch.randn
+            z = draw(xb.shape, device=x.device, generator=g)
         if world > 1:
             xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
-        yield xb.float().div_(255).contiguous(memory_format=memory_format), yb
+            z = z.tensor_split(world)[rank] if z is not None else None
+        xb = xb.float().div_(255).contiguous(memory_format=memory_format)
+        yield xb, yb, (z.contiguous(memory_format=memory_format) if z is not None else None)
+
+
+def shard_sizes(n, world):
+    """The sizes of torch.tensor_split(n items, world): what batches() gives each rank of a global batch of n."""
+    return [n // world + (r < n % world) for r in range(world)]
 
 
 def num_batches(n, batch_size, max_batches=None):

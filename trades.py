@@ -16,76 +16,25 @@ is no detached target). As the authors' released code (trades.py) defines it:
     the loss and its gradient are the same, BatchNorm's running statistics see the clean batch once per step, not
     twice.
 Where this repository's protocol differs from the released script (train_trades_cifar10.py): eps 8/255 and step
-2/255 rather than 0.031 and 0.007; 100 epochs with lr x0.1 at 75 and 90 rather than 76 epochs with x0.1 at 75
-(its later milestones 90 and 100 are never reached); weight decay 5e-4 rather than 2e-4; a held-out validation split
-chooses best.pt (the released script keeps every epoch's weights). --released sets the script's values.
+2/255 rather than 0.031 and 0.007; 100 epochs with lr x0.1 after epochs 75 and 90 rather than 76 epochs; weight
+decay 5e-4 rather than 2e-4; a held-out validation split chooses best.pt (the released script keeps every epoch's
+weights). --released sets the script's values, its schedule in its own epoch convention: the script counts epochs
+from 1 and sets lr x0.1 from `epoch >= 75` (then 90, 100), so its epochs 75 and 76 run at 0.01; here --milestones
+are the epochs after which the lr decays, so that is --milestones 74 89 99 (of which only 74 is reached in 76).
 
     python trades.py                               # PreActResNet-18, CIFAR-10
     python trades.py --arch wrn34_10 --released    # the released script's network and settings
     python trades.py --beta 1                      # the paper's other operating point
 """
 import argparse
-import os
-import shutil
-import time
 
 import torch
 import torch.nn.functional as F
 
 import attacks
 import data
-import models
 import utils
 import wa
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description="TRADES (Zhang et al. 2019), as the authors' released code defines it")
-    p.add_argument("--dataset", default="cifar10", help=", ".join(data.DATASETS))
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--arch", default="preact_resnet18", help=", ".join(models.ARCHS))
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--milestones", type=int, nargs="*", default=[75, 90], help="epochs where lr is multiplied by 0.1")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
-    p.add_argument("--eps", type=utils.fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
-    p.add_argument("--alpha", type=utils.fraction, default="2/255", help="PGD step size")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
-    p.add_argument("--val-steps", type=int, default=10, help="PGD steps of validation (as Rice et al.: 10)")
-    p.add_argument("--val-size", type=int, default=1000, help="held-out training images for choosing best.pt")
-    p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
-    p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
-    p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
-    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa"])
-    p.add_argument("--wa-decay", type=float, default=0.999)
-    p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
-    p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"],
-                   help="images of SWA's BatchNorm recomputation (adversarial: PGD examples, for PGD-AT)")
-    p.add_argument("--beta", type=float, default=6.0, help="weight of the KL term")
-    p.add_argument("--released", action="store_true",
-                   help="the released script's settings: eps 0.031, step 0.007, weight decay 2e-4, 76 epochs, "
-                        "lr x0.1 at 75, 90, 100 (flags given explicitly still win)")
-    p.add_argument("--out", default=None, help="output folder (default runs/trades-DATASET-ARCH)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training and attacks")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
-    p.add_argument("--bench", action="store_true",
-                   help="measure images/s: 2 epochs of --max-batches (20) batches, no validation, nothing kept")
-    known, _ = p.parse_known_args(argv)
-    if known.released:  # the released script's defaults; flags given on the command line still win
-        p.set_defaults(eps=0.031, alpha=0.007, wd=2e-4, epochs=76, milestones=[75, 90, 100])
-    args = utils.parse_args(p, argv)
-    args.out = args.out or os.path.join("runs", f"trades-{args.dataset}-{args.arch}")
-    utils.check_train_args(args)
-    utils.require(args.beta >= 0, f"--beta {args.beta:g}: use a weight >= 0")
-    if args.bench:
-        utils.bench_settings(args)
-    return args
 
 
 def trades_kl(logits_adv, logits_clean):
@@ -101,126 +50,87 @@ def trades_loss(logits_adv, logits_clean, y, beta=6.0):
     return F.cross_entropy(logits_clean.float(), y) + beta * trades_kl(logits_adv, logits_clean)
 
 
-def trades_attack(model, x, eps, alpha, steps):
-    """PGD on the KL to the clean prediction (no labels), from x + 0.001 N(0, I); input gradients only."""
+def trades_attack(model, x, eps, alpha, steps, noise=None):
+    """PGD on the KL to the clean prediction (no labels), from x + 0.001 N(0, I) (`noise`: the N(0, I) draw; default:
+    drawn here), with the network in eval mode whatever mode it was given in (restored after, so BatchNorm's running
+    statistics are never touched); input gradients only."""
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         p_clean = F.softmax(model(x).float(), dim=1)
-    x_adv = x + 0.001 * torch.randn_like(x)
+    x_adv = x + 0.001 * (torch.randn_like(x) if noise is None else noise)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         kl = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_clean, reduction="sum")
         (g,) = torch.autograd.grad(kl, x_adv)
         x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train(was_training)
     return x_adv.clamp(0, 1).detach()
+
+
+def trades_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0, noise=None):
+    """TRADES' loss on one batch, as the released trades_loss: the KL attack in eval mode, then in train mode one
+    clean and one adversarial forward, CE(f(x), y) + beta * KL, gradients through both. `noise`: the N(0, I) draw of
+    the start (default: drawn here). Returns (loss, adversarial logits, the KL term detached); the caller owns
+    zero_grad, backward and the optimiser step."""
+    x_adv = trades_attack(model, x, eps, alpha, steps, noise) if eps > 0 else x
+    model.train()
+    logits_clean = model(x)  # feeds the CE and the KL target
+    logits_adv = model(x_adv)
+    loss = trades_loss(logits_adv, logits_clean, y, beta)
+    return loss, logits_adv, trades_kl(logits_adv.detach(), logits_clean.detach())
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="TRADES (Zhang et al. 2019), as the authors' released code defines it")
+    utils.train_flags(p, "trades", epochs=100, milestones=[75, 90], val_steps=10, val_size=1000)
+    p.add_argument("--beta", type=float, default=6.0, help="weight of the KL term")
+    p.add_argument("--released", action="store_true",
+                   help="the released script's settings: eps 0.031, step 0.007, weight decay 2e-4, 76 epochs, "
+                        "lr x0.1 from its epoch 75 (--milestones 74 89 99) (flags given explicitly still win)")
+    known, _ = p.parse_known_args(argv)
+    if known.released:  # the released script's defaults; flags given on the command line still win
+        p.set_defaults(eps=0.031, alpha=0.007, wd=2e-4, epochs=76, milestones=[74, 89, 99])
+    args = utils.parse_train_args(p, argv, "trades")
+    utils.require(args.beta >= 0, f"--beta {args.beta:g}: use a weight >= 0")
+    return args
 
 
 def main(argv=None):
     args = get_args(argv)
-    device, rank, world = utils.distributed_setup(args.device)  # world > 1 under torchrun
-    main_rank = rank == 0  # only rank 0 prints, logs, validates and writes checkpoints
+    device, rank, world = utils.distributed_setup(args.device, args.timeout)  # world > 1 under torchrun
     utils.require(args.batch_size >= world, f"--batch-size {args.batch_size} is smaller than the {world} processes")
-    eps, alpha = args.eps, args.alpha
-    torch.manual_seed(args.seed)  # the same on every rank: same initial weights, permutations, crops
+    ck = utils.start_run(args, "trades", rank == 0)  # the output folder: writable, never clobbered, resumed exactly
+    torch.manual_seed(args.seed)  # the same on every rank: the same initial weights
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-    # ---- the output folder before any work: writable, no clobbering, resume only what can be resumed exactly
-    ck = utils.start_run(args, "trades", main_rank)
-
-    # ---- data: uint8 tensors on the device; a fixed-seed validation split of the training set
     ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate)
-    n_train = len(ds["train_x"])
-    nb = data.num_batches(n_train, args.batch_size, args.max_batches)
+    # model: the weights (optimised, averaged, saved); net: the same network as the step calls it (utils.build)
+    model, net, opt, avg = utils.build(args, ds, device, world)
+    start, best = utils.resume(ck, args, model, opt, avg, rank == 0)
+    if rank == 0:
+        train = (f"PGD-{args.steps} on KL(f(x) || f(x')) (Linf, eps {attacks.radius(args.eps)}, step "
+                 f"{attacks.radius(args.alpha)}, start x + 0.001 N(0, I), eval mode)" if args.eps > 0
+                 else "natural training (no attack)")
+        print(f"trades.py: {args.arch} on {args.dataset} ({len(ds['train_x'])} train / {len(ds['val_x'])} val), "
+              f"{device} x {world}, train {train}, validation {utils.describe_validation(args)}, amp={args.amp}, "
+              f"compile={args.compile}, wa={utils.describe_wa(args)}, beta {args.beta:g}", flush=True)
 
-    # ---- model, optimiser, schedule (piecewise x0.1 at the milestones, stepped once per epoch)
-    model = models.get_model(args.arch, ds["num_classes"], ds["channels"]).to(device, memory_format=mem)
-    fast = torch.compile(model) if args.compile else model  # used for the attack and the clean forward
-    # Several processes: the adversarial forward goes through DDP, which averages gradients across ranks in
-    # backward; the attack and the clean forward run on the plain module (one DDP forward per backward).
-    train_model = torch.nn.parallel.DistributedDataParallel(fast) if world > 1 else fast
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
-    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
-    wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
-
-    # ---- resume: everything needed to continue exactly is in last.pt
-    start_epoch, best, wa_best = utils.resume(ck, args, model, opt, sched, avg, main_rank)
-    train_attack = (f"PGD-{args.steps} on KL(f(x) || f(x')) (Linf, eps {attacks.radius(eps)}, step "
-                    f"{attacks.radius(alpha)}, start x + 0.001 N(0, I), eval mode)" if eps > 0
-                    else "natural training (no attack)")
-    if main_rank:
-        print(f"trades.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), "
-              f"{device} x {world}, "
-              f"train {train_attack}, validation {'clean' if eps == 0 else f'clean + PGD-{args.val_steps}'}, "
-              f"amp={args.amp}, compile={args.compile}, wa={utils.describe_wa(args)}, beta {args.beta:g}", flush=True)
-
-    for epoch in range(start_epoch, args.epochs):
-        # every epoch's randomness (order, crops, PGD starts) is a function of (seed, epoch): a resumed run repeats it
-        epoch_seed = args.seed * 100_003 + epoch
-        torch.manual_seed(epoch_seed)
-        model.train()
-        lr = opt.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)  # metrics stay on the device; read once per epoch
-        n_correct = torch.zeros((), device=device, dtype=torch.long)
-        kl_sum = torch.zeros((), device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
-        seen = 0
-        for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
-                                                augment=ds["augment"], seed=epoch_seed, rank=rank, world=world,
-                                                max_batches=args.max_batches, memory_format=mem)):
+    for epoch in range(start, args.epochs):
+        net.train()
+        sums, t0 = utils.start_epoch(device)
+        lr = utils.set_lr(opt, args, epoch)
+        for x, y, noise, _ in utils.train_batches(ds, args, epoch, rank, world, noise="normal"):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                # inner max: PGD on the KL to the clean prediction, network in eval mode (the released code)
-                fast.eval()
-                x_adv = trades_attack(fast, x, eps, alpha, args.steps) if eps > 0 else x
-                fast.train()
-                # outer min, train mode: the clean forward feeds the CE and the KL target, with gradients through both
-                logits_clean = fast(x)
-                logits = train_model(x_adv)
-                loss = trades_loss(logits, logits_clean, y, args.beta)
-            # The attack took input gradients only, so no stale parameter gradient exists here.
-            opt.zero_grad(set_to_none=True)
+                loss, logits, kl = trades_objective(net, x, y, args.eps, args.alpha, args.steps, args.beta, noise)
+            opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
             loss.backward()
             opt.step()
-            kl_sum += trades_kl(logits.detach(), logits_clean.detach()) * len(y)
             wa.after_step(avg, model, args.wa_mode)
-            loss_sum += loss.detach() * len(y)
-            n_correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if main_rank:
-                utils.progress(i + 1, nb, t0, f"epoch {epoch + 1}")
-        # the epoch's metrics, summed over ranks: the one host sync of the epoch (it waits for the GPU)
-        loss_sum, n_correct, kl_sum, seen = utils.reduce_sum(loss_sum, n_correct, kl_sum, seen, device=device)
-        train_time = time.time() - t0
-        sched.step()
-
-        # ---- weight averaging at the end of the epoch (SWA update + BatchNorm recomputation)
-        wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, utils.bn_batches(ds, args, mem, model))
-        # BatchNorm statistics drift apart per rank within an epoch: every rank keeps rank 0's
-        utils.broadcast_buffers(model, avg.module if avg is not None else None)
-        if not main_rank:
-            continue
-
-        # ---- validation (as Rice et al.: keep the checkpoint with the best held-out PGD accuracy; the released
-        # script keeps every epoch's weights and chooses none)
-        val_clean, val_pgd = utils.validate(model, ds, eps, alpha, args.val_steps)
-        wa_clean, wa_pgd = utils.validate(avg.module, ds, eps, alpha, args.val_steps) if wa_ready else (None, None)
-        rec = utils.tidy(dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen, train_acc=100 * n_correct / seen,
-                              train_kl=kl_sum / seen,
-                              val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
-                              time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time))
-        utils.log_epoch(args.out, rec)
-
-        # ---- checkpoints, each written atomically: best.pt / wa_best.pt when validation improves, then last.pt
-        info = utils.meta(args, "trades", ds, epoch + 1, rec)
-        best, wa_best = utils.save_epoch(args, info, model, opt, sched, avg, best, wa_best)
-    if args.bench:
-        if main_rank:  # forward-equivalents per image: PGD steps 2 each + the clean target 1; training passes 3 each
-            utils.bench_report(args, model, ds, rec, world, passes=(2 * args.steps + 1) * (eps > 0) + 6)
-        shutil.rmtree(args.out, ignore_errors=True)
-    utils.distributed_cleanup()
+            utils.tally(sums, y, loss, logits, kl=kl)
+        best = utils.end_epoch(args, "trades", epoch, ds, model, avg, opt, best, sums, t0, lr)
+    # --bench's forward-equivalents per image: PGD steps 2 each + the clean target 1; two training passes 3 each
+    utils.finish(args, "trades", model, ds, world, passes=(2 * args.steps + 1) * (args.eps > 0) + 6)
     return model, avg
 
 

@@ -9,6 +9,7 @@ torchrun).
 import argparse
 import datetime
 import glob
+import inspect
 import json
 import math
 import os
@@ -16,10 +17,15 @@ import pickle
 import re
 import sys
 import time
+import warnings
 import zipfile
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.nn.functional (collectives with autograd) is marked deprecated in favour of a private module;
+# it is the public API that works on every torch this project supports
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated")
 
 import attacks
 import data
@@ -50,6 +56,67 @@ def parse_args(parser, argv=None):
     if hasattr(parser, "_negative_number_matcher"):
         parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/[\d.]+)?$")
     return parser.parse_args(argv)
+
+
+def train_flags(p, method, epochs, milestones, val_steps=10, val_size=1000, wa_mode="ema"):
+    """The flags every method shares, with the method's own defaults (its paper's schedule and validation)."""
+    import data
+    import models
+    p.add_argument("--dataset", default="cifar10", help=", ".join(data.DATASETS))
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--arch", default="preact_resnet18", help=", ".join(models.ARCHS))
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--milestones", type=int, nargs="*", default=milestones,
+                   help="lr x0.1 after each of these epochs")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--wd", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
+    p.add_argument("--eps", type=fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
+    p.add_argument("--alpha", type=fraction, default="2/255", help="PGD step size")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
+    p.add_argument("--val-steps", type=int, default=val_steps, help="PGD steps of validation")
+    p.add_argument("--val-size", type=int, default=val_size, help="held-out training images for choosing best.pt")
+    p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
+    p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
+    p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
+    p.add_argument("--wa-mode", default=wa_mode, choices=["ema", "swa"])
+    p.add_argument("--wa-decay", type=float, default=0.999)
+    p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
+    p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"],
+                   help="images of SWA's BatchNorm recomputation (adversarial: PGD examples, for PGD-AT)")
+    p.add_argument("--out", default=None, help=f"output folder (default runs/{method}-DATASET-ARCH)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for training (evaluation stays fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training and attacks")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
+    p.add_argument("--bench", action="store_true",
+                   help="measure images/s: 2 epochs of --max-batches (20) batches, no validation, nothing kept")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="torchrun: BatchNorm statistics over the global batch (default: each process's own share)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="torchrun: seconds a process waits for the others before it gives up")
+
+
+def parse_train_args(p, argv, method):
+    """Parses the flags, fills in the default --out and checks the shared flags (one line per problem);
+    --bench overrides what it needs."""
+    args = parse_args(p, argv)
+    args.out = args.out or os.path.join("runs", f"{method}-{args.dataset}-{args.arch}")
+    check_train_args(args)
+    late = [m for m in args.milestones if m >= args.epochs]
+    given = any(a == "--milestones" or a.startswith("--milestones=") for a in (sys.argv[1:] if argv is None else argv))
+    require(not (late and given), f"--milestones {' '.join(map(str, args.milestones))}: the lr decays after these "
+                                  f"epochs, so each must be below --epochs {args.epochs}; drop "
+                                  f"{' '.join(map(str, late))} or train longer")
+    if late and not args.bench and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: --epochs {args.epochs} ends before the lr decays at {' '.join(map(str, late))} (the default "
+              f"--milestones); pass --milestones to decay within the run")
+    if args.bench:
+        bench_settings(args)
+    return args
 
 
 def show(v):
@@ -96,6 +163,7 @@ def check_train_args(args):
     require(args.wd >= 0, f"--wd {args.wd:g}: use a weight decay >= 0")
     require(all(m >= 1 for m in args.milestones) and args.milestones == sorted(set(args.milestones)),
             f"--milestones {' '.join(map(str, args.milestones))}: give increasing epochs >= 1")
+    require(args.timeout > 0, f"--timeout {args.timeout:g}: use a positive number of seconds")
     require(0 < args.wa_decay < 1, f"--wa-decay {args.wa_decay:g}: use a decay in (0, 1), e.g. 0.999")
     require(0 <= args.rotate <= 180, f"--rotate {args.rotate:g}: use 0 .. 180 degrees")
     require(args.seed >= 0, f"--seed {args.seed}: use a seed >= 0")
@@ -112,13 +180,23 @@ def bench_settings(args):
 
 def cli(main):
     """Entry point of every script. A SystemExit with a message prints that one line; under torchrun only rank 0
-    prints it (all ranks run the same checks)."""
+    prints it (all ranks run the same checks). A process that lost the others (a peer killed, a node gone) ends
+    with one line too, after at most --timeout seconds, so that torchrun can restart the group."""
     try:
         main()
     except SystemExit as e:
         if isinstance(e.code, str) and int(os.environ.get("RANK", "0")) != 0:
             raise SystemExit(1) from None
         raise
+    except RuntimeError as e:  # a collective that failed: DistBackendError and gloo's errors are RuntimeErrors
+        text = str(e)
+        lost = isinstance(e, getattr(dist, "DistError", ())) or any(
+            w in text for w in ("gloo", "NCCL", "Connection", "timed out", "Timed out", "closed by peer"))
+        if "WORLD_SIZE" not in os.environ or not lost:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other processes ({first}); "
+                         f"run under torchrun --max-restarts N with --resume to continue from last.pt") from None
 
 
 # ---------------------------------------------------------------- the output folder and resume
@@ -203,15 +281,15 @@ def start_run(args, method, main_rank):
     return ck
 
 
-def resume(ck, args, model, opt, sched, avg, main_rank):
+def resume(ck, args, model, opt, avg, main_rank):
     """Loads the last.pt that start_run returned (if any) into the run's objects and drops log lines of epochs that
-    will be run again. Returns (first epoch to run, best, wa_best)."""
+    will be run again. Returns (first epoch to run, [best, wa_best]) (the validation scores of best.pt and
+    wa_best.pt)."""
     if ck is None:
-        return 0, -1.0, -1.0
+        return 0, [-1.0, -1.0]
     path = os.path.join(args.out, "last.pt")
     load_weights(model, ck["model"], path, ck["arch"])
     opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
     if avg is not None and ck.get("wa_model") is not None:
         load_weights(avg.module, ck["wa_model"], path + " (wa_model)", ck["arch"])
         avg.n_averaged.fill_(ck["wa_n"])
@@ -219,7 +297,7 @@ def resume(ck, args, model, opt, sched, avg, main_rank):
         trim_log(args.out, ck["epoch"])
         left = "" if ck["epoch"] < args.epochs else f"; nothing left to train with --epochs {args.epochs}"
         print(f"resumed {path} at epoch {ck['epoch']}{left}")
-    return ck["epoch"], ck["best"], ck["wa_best"]
+    return ck["epoch"], [ck["best"], ck["wa_best"]]
 
 
 def meta(args, method, ds, epoch, rec):
@@ -228,7 +306,7 @@ def meta(args, method, ds, epoch, rec):
                 num_classes=ds["num_classes"], in_channels=ds["channels"], epoch=epoch, args=vars(args), metrics=rec)
 
 
-def save_epoch(args, info, model, opt, sched, avg, best, wa_best):
+def save_epoch(args, info, model, opt, avg, best, wa_best):
     """End of an epoch (rank 0): best.pt / wa_best.pt when validation improved, then last.pt; each written atomically.
     The criterion is validation PGD accuracy (Rice et al.), or clean accuracy when training naturally (--eps 0).
     A weight average that holds no weights yet (SWA before its first epoch) is saved as None, never as weights.
@@ -244,8 +322,7 @@ def save_epoch(args, info, model, opt, sched, avg, best, wa_best):
         wa_best = wa_score
         save_checkpoint(dict(info, model=avg.module.state_dict(), weights="wa", wa_n=int(avg.n_averaged)),
                         os.path.join(args.out, "wa_best.pt"))
-    save_checkpoint(dict(info, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                         best=best, wa_best=wa_best, wa_model=avg.module.state_dict() if has_wa else None,
+    save_checkpoint(dict(info, model=model.state_dict(), optimizer=opt.state_dict(), best=best, wa_best=wa_best, wa_model=avg.module.state_dict() if has_wa else None,
                          wa_n=int(avg.n_averaged) if has_wa else 0), os.path.join(args.out, "last.pt"))
     return best, wa_best
 
@@ -272,17 +349,26 @@ def bn_batches(ds, args, memory_format, model):
     n_img = len(ds["train_x"]) if args.max_batches is None else min(len(ds["train_x"]),
                                                                      args.max_batches * args.batch_size)
     nb = data.num_batches(n_img, 512)
+    # with --sync-bn under torchrun the pass is shared: each rank takes its share of every batch and the statistics
+    # are those of the whole batch; otherwise every rank passes every batch
+    rank, world = (dist.get_rank(), dist.get_world_size()) if args.sync_bn and dist.is_initialized() else (0, 1)
+    adversarial = args.wa_bn == "adversarial" and args.eps > 0
 
     def batches():
         t0 = time.time()
-        for i, (x, y) in enumerate(data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True,
-                                                augment=ds["augment"], max_batches=nb, memory_format=memory_format)):
-            if args.wa_bn == "adversarial" and args.eps > 0:
+        for i, (x, y, noise) in enumerate(data.batches(
+                ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], max_batches=nb, rank=rank,
+                world=world, memory_format=memory_format, noise="uniform" if adversarial else None)):
+            if adversarial:
                 with attacks.frozen(model), torch.enable_grad():  # the pass itself runs under no_grad
-                    x = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, random_start=True)
+                    x = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, random_start=True, noise=noise)
             yield x, y
             progress(i + 1, nb, t0, "SWA: recomputing BatchNorm statistics,")
     return batches
+
+
+def describe_validation(args):
+    return "clean" if args.eps == 0 else f"clean + PGD-{args.val_steps}"
 
 
 def describe_wa(args):
@@ -441,12 +527,168 @@ def progress(i, n, t0, prefix=""):
         sys.stderr.flush()
 
 
+# ---------------------------------------------------------------- the training loop's plumbing
+
+def build(args, ds, device, world):
+    """The model, the network the training step calls, the optimiser and the weight average.
+    `model` is the plain module: its weights are optimised, averaged, validated and saved. `net` is the same module
+    as the step calls it: with --sync-bn its BatchNorm layers compute statistics over the global batch, with
+    --compile it is compiled, and under torchrun it is wrapped in DistributedDataParallel, which averages the
+    gradients of every rank in backward (gradients written straight into DDP's buckets; buffers are broadcast once
+    per epoch, not at every forward)."""
+    import models
+    import wa
+    mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = models.get_model(args.arch, ds["num_classes"], ds["channels"])
+    if args.sync_bn and world > 1:
+        model = sync_batchnorm(model, device)
+    model = model.to(device, memory_format=mem)
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        # Buffers are broadcast once per epoch (end_epoch), not before every forward: the per-step attack forwards
+        # would otherwise each broadcast them.
+        no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
+        net = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, **no_sync_buffers)
+        # Gradients live in DDP's buckets from the first backward on and are zeroed, not freed, between steps
+        # (zero_grad(set_to_none=False)): every backward accumulates in place into the bucket. A freshly allocated
+        # gradient that sums two forwards' contributions (SAR, TRADES, MART, ISEAT) may get other strides than its
+        # parameter where a dimension has size 1 (the first conv of a grey-image network, 16 x 1 x 3 x 3): DDP then
+        # warned ("Grad strides do not match bucket view strides") and copied the gradient at every step.
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
+    return model, net, opt, avg
+
+
+def set_lr(opt, args, t):
+    """Piecewise-constant lr: args.lr x 0.1 for every milestone m <= t, t the (fractional) number of epochs done.
+    Called with t = epoch (0-based) at the start of an epoch, the lr decays for the first time in epoch m + 1
+    (1-based). Returns the lr."""
+    lr = args.lr * 0.1 ** sum(t >= m for m in args.milestones)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def train_batches(ds, args, epoch, rank, world, noise=None):
+    """One epoch of training batches: (x, y, noise, gather). Order, crops, flips and `noise` (see data.batches) are
+    drawn for the global batch from (seed, epoch) and each rank takes its share, so a resumed run repeats the epoch
+    and N processes see the data of one. `gather` (None in one process) concatenates a per-rank tensor over the
+    global batch, in its order, with autograd: what a method defines over the batch is computed over the global
+    batch. Shows a progress line on a terminal (rank 0)."""
+    import data
+    epoch_seed = args.seed * 100_003 + epoch
+    torch.manual_seed(epoch_seed)  # any other randomness of the step
+    n = len(ds["train_x"])
+    nb = data.num_batches(n, args.batch_size, args.max_batches)
+    mem = torch.channels_last if ds["train_x"].device.type == "cuda" else torch.contiguous_format
+    t0 = time.time()
+    for i, (x, y, z) in enumerate(data.batches(ds["train_x"], ds["train_y"], args.batch_size, shuffle=True,
+                                               augment=ds["augment"], seed=epoch_seed, rank=rank, world=world,
+                                               max_batches=args.max_batches, memory_format=mem, noise=noise)):
+        gather = gatherer(data.shard_sizes(min(args.batch_size, n - i * args.batch_size), world)) if world > 1 \
+            else None
+        yield x, y, z, gather
+        if rank == 0:
+            progress(i + 1, nb, t0, f"epoch {epoch + 1}")
+
+
+def start_epoch(device):
+    """Zeroed per-epoch sums, kept on the device (no host sync in the loop), and the epoch's start time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return dict(loss=torch.zeros((), device=device), correct=torch.zeros((), device=device),
+                seen=torch.zeros((), device=device)), time.time()
+
+
+def tally(sums, y, loss, logits, **terms):
+    """Adds one batch to the epoch's sums: loss, correct predictions, images, and the method's own terms."""
+    n = len(y)
+    sums["loss"] += loss.detach() * n
+    sums["correct"] += (logits.detach().argmax(1) == y).sum()
+    sums["seen"] += n
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0) + v.detach() * n
+
+
+def end_epoch(args, method, epoch, ds, model, avg, opt, best, sums, t0, lr, **log):
+    """Everything after an epoch's batches, the same for every method:
+      - the epoch's sums over all ranks (the one host sync of the epoch);
+      - weight averaging: the SWA update from the first milestone on, with its BatchNorm recomputation;
+      - rank 0's BatchNorm statistics to every rank (without --sync-bn they drift apart within an epoch);
+      - on rank 0: validation of the model (and the average) on the held-out split, one log line, and the
+        checkpoints, each written atomically: best.pt / wa_best.pt when validation improved, then last.pt.
+    `log` adds the method's own entries to the log line (None: left out). Returns the new [best, wa_best]."""
+    import wa
+    keys = sorted(sums)
+    totals = dict(zip(keys, reduce_sum(*(sums[k] for k in keys), device=sums["loss"].device)))
+    train_time = time.time() - t0
+    mem = torch.channels_last if ds["train_x"].device.type == "cuda" else torch.contiguous_format
+    wa_start = args.milestones[0] if args.milestones else 0
+    wa_ready = wa.after_epoch(avg, model, args.wa_mode, epoch, wa_start, bn_batches(ds, args, mem, model))
+    broadcast_buffers(model, avg.module if avg is not None else None)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return best
+    seen = totals.pop("seen")
+    val_clean, val_pgd = validate(model, ds, args.eps, args.alpha, args.val_steps)
+    wa_clean, wa_pgd = validate(avg.module, ds, args.eps, args.alpha, args.val_steps) if wa_ready else (None, None)
+    terms = {f"train_{k}": v / seen for k, v in totals.items() if k not in ("loss", "correct")}
+    extra = {**log, **terms}  # log: the method's entries (lam, ...) and its terms' defaults while off (None)
+    rec = tidy(dict(epoch=epoch + 1, lr=lr, **{k: v for k, v in extra.items() if not k.startswith("train_")},
+                    train_loss=totals["loss"] / seen, train_acc=100 * totals["correct"] / seen,
+                    **{k: v for k, v in extra.items() if k.startswith("train_")},
+                    val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
+                    time=time.time() - t0, train_time=train_time, img_per_s=seen / train_time))
+    log_epoch(args.out, rec)
+    info = meta(args, method, ds, epoch + 1, rec)
+    return list(save_epoch(args, info, model, opt, avg, *best))
+
+
+def finish(args, method, model, ds, world, passes):
+    """The end of a run: --bench prints its throughput line and removes its folder; a training run says what it
+    left (best.pt's epoch and validation numbers, the files) and the evaluation to run next. passes: forward-
+    equivalents per image of the method's step (for --bench's TFLOP/s)."""
+    import shutil
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    if args.bench:
+        if main_rank:
+            bench_report(args, model, ds, read_log(args.out)[-1], world, passes)
+        shutil.rmtree(args.out, ignore_errors=True)
+    elif main_rank:
+        best_path = os.path.join(args.out, "best.pt")
+        if os.path.exists(best_path):
+            m = load_checkpoint(best_path)["metrics"]
+            val = f"validation clean {m['val_clean']:.2f} %" + (
+                f", PGD-{args.val_steps} {m['val_pgd']:.2f} %" if m.get("val_pgd") is not None else "")
+            eps = f" --eps {attacks.radius(args.eps)}" if args.eps > 0 and abs(args.eps - 8 / 255) > 1e-9 else ""
+            print(f"done: {method}.py, {args.epochs} epoch{'s' if args.epochs != 1 else ''}; best.pt holds epoch {m['epoch']} ({val}); files in "
+                  f"{args.out} (last.pt, best.pt{', wa_best.pt' if os.path.exists(os.path.join(args.out, 'wa_best.pt')) else ''}, log.jsonl). "
+                  f"Next: python eval.py {best_path}{eps}", flush=True)
+        else:
+            print(f"done: {method}.py, {args.epochs} epoch{'s' if args.epochs != 1 else ''}; no best.pt (--val-size 0); files in {args.out} "
+                  f"(last.pt, log.jsonl). Next: python eval.py {os.path.join(args.out, 'last.pt')}", flush=True)
+    distributed_cleanup()
+
+
+def read_log(out_dir):
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 # ---------------------------------------------------------------- several processes (torchrun): one process per
 # GPU, or per CPU process with the gloo backend
 
-def distributed_setup(device):
-    """Under torchrun (WORLD_SIZE > 1) joins the process group and picks this rank's GPU.
-    Returns (device, rank, world)."""
+def distributed_setup(device, timeout=600.0):
+    """Under torchrun (WORLD_SIZE > 1) joins the process group and picks this rank's GPU. A collective that waits
+    longer than `timeout` seconds for the other processes fails (see cli: one line, then torchrun can restart the
+    group). Returns (device, rank, world)."""
+    import datetime
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(device)  # checked with the other flags (check_train_args)
     if world == 1:
@@ -456,8 +698,73 @@ def distributed_setup(device):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
     return device, rank, world
+
+
+def gatherer(sizes):
+    """gather(t): the concatenation over ranks of t (this rank's share of a global batch, sizes[r] rows on rank r),
+    in the global batch's order, with autograd. Its backward sums every rank's gradient for this rank's rows: when
+    each rank computes the same global term from the gathered tensor, rank r gets N times its rows' gradient, and
+    DDP's averaging over the N ranks leaves exactly the one-process gradient."""
+    from torch.distributed.nn.functional import all_gather
+    m = max(sizes)
+
+    def gather(t):
+        if len(t) < m:  # all_gather takes equal shapes: pad, then drop the padding
+            t = torch.cat([t, t.new_zeros(m - len(t), *t.shape[1:])])
+        return torch.cat([part[:s] for part, s in zip(all_gather(t), sizes)])
+    return gather
+
+
+def average_over_ranks(tensors):
+    """The mean over ranks of each tensor (one all-reduce of them all); for gradients taken outside DDP's backward."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch (torch's SyncBatchNorm, which takes
+    only GPU tensors, for gloo/CPU processes): the per-rank sums are all-reduced with autograd, so the gradient is
+    the one-process gradient once DDP has averaged it. Same parameters, buffers and running-statistics update as
+    BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        dims = (0, 2, 3)
+        count = all_reduce(torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device))
+        mean = all_reduce(x.sum(dims)) / count
+        var = all_reduce(((x - mean[None, :, None, None]) ** 2).sum(dims)) / count  # two passes: as exact as BN's
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                self.running_var.mul_(1 - f).add_(var.detach() * count / (count - 1), alpha=f)
+        y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+
+def sync_batchnorm(model, device):
+    """--sync-bn: every BatchNorm2d computes its training statistics over the global batch (SyncBatchNorm on GPUs,
+    GlobalBatchNorm2d on CPU processes)."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            ref = child.running_mean if child.running_mean is not None else child.weight
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device=ref.device, dtype=ref.dtype)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
 
 
 def distributed_cleanup():
