@@ -1524,7 +1524,10 @@ if os.environ.get("DIE") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") =
                 os.kill(os.getpid(), signal.SIGKILL)
             yield b
     utils.train_batches = batches
-model, avg = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
+import utils
+result = []  # through the scripts' own entry point: its one-line errors
+utils.cli(lambda: result.append(importlib.import_module(sys.argv[1]).main(sys.argv[2:])))
+model, avg = result[0]
 torch.save({{"model": model.state_dict(), "wa": avg.module.state_dict() if avg is not None else None}},
            os.path.join(os.environ["STATE_DIR"], "rank%s.pt" % os.environ.get("RANK", "single")))
 '''
@@ -1659,6 +1662,14 @@ def test_two_nodes_and_elastic_restarts(tmp_path):
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "elastic" / "log.jsonl")] == [1, 2, 3]
     assert_close_states(one_node["0"], restarted["0"])
     assert_close_states(one_node["0"], restarted["1"])
+    # a node that loses its peer for good (no restarts): its process ends with one line, within --timeout
+    rdzv = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=lost",
+            "--max-restarts=0"]
+    nodes = [launch(tmp_path, "at", args + ["--timeout", "20", "--out", str(tmp_path / "lost")], nproc=1,
+                    torchrun=rdzv, env={"DIE": "1:2"}, wait=False) for _ in range(2)]
+    outs = "".join(finish(p, 120) for p, _ in nodes)
+    assert all(p.returncode != 0 for p, _ in nodes)
+    assert outs.count("error: rank 0 lost contact with the other processes") == 1, outs[-3000:]
 
 
 def test_bench_mode_prints_throughput_and_keeps_nothing(tmp_path, monkeypatch, capsys):

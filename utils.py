@@ -698,8 +698,13 @@ def distributed_setup(device, timeout=600.0):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout))
+        # torchrun's store outlives a restart of the group (--max-restarts): the keys of each attempt get a prefix
+        # of their own, else a restarted process can read the address of a dead one and fail to connect
+        timeout = datetime.timedelta(seconds=timeout)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=timeout)
     return device, rank, world
 
 
