@@ -102,6 +102,27 @@ def run_one(method, arch, mode, batch, max_batches, device, in_process):
     return dict(img_per_s=float(m.group(1)), tflops=float(m.group(2)), seconds=round(time.time() - t0, 1))
 
 
+def forward_gflops(model, x):
+    """GFLOP of one forward per image (torch.utils.flop_counter: 2 per multiply-add in convolutions and matmuls).
+    A training pass (forward + backward) costs about 3 of these, a PGD step (input gradient only) about 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() / len(x) / 1e9
+
+
+def report_line(args, model, ds, rec, world, passes):
+    """The --bench line: images/s of the second epoch, and the TFLOP/s it implies (forward FLOPs x passes)."""
+    gflop = forward_gflops(model, ds["train_x"][:2].float() / 255)
+    print(f"benchmark: {rec['img_per_s']:.4g} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
+          f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
+          f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved",
+          flush=True)
+
+
 def rate(v):
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 

@@ -129,6 +129,19 @@ def load_model(path, args, device):
     return model.to(device).eval(), info
 
 
+def run_folder_checkpoint(path):
+    """A run folder stands for its best.pt (said so); a folder without one is refused, naming what it holds."""
+    if not os.path.isdir(path):
+        return path
+    best = os.path.join(path, "best.pt")
+    if os.path.isfile(best):
+        print(f"{path} is a run folder: evaluating its best.pt")
+        return best
+    held = sorted(f for f in os.listdir(path) if f.endswith(".pt") and ".eval." not in f)
+    raise SystemExit(f"error: {path} is a folder without best.pt; pass one of its checkpoints "
+                     f"({', '.join(held) if held else 'it holds none'})")
+
+
 def fingerprint(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -273,6 +286,7 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     out, spectra, first_json = {}, [], None
+    args.checkpoints = [run_folder_checkpoint(p) for p in args.checkpoints]
     # every results folder (and the picture's) must be writable before any work starts
     for path in args.checkpoints:
         utils.check_writable(os.path.dirname(result_files(path, args)[0]), "--results-dir")

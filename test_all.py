@@ -953,6 +953,7 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     root, _ = cifar
     one_line_error(at.main, *at_args(root, tmp_path / "x", "--dataset", "cifar11"), match="unknown dataset 'cifar11'")
     one_line_error(at.main, *at_args(root, tmp_path / "x", "--arch", "vgg"), match="unknown arch")
+    assert not (tmp_path / "x").exists()  # a run that cannot start leaves no folder behind
     # missing data, download impossible (simulated offline)
     import torchvision.datasets.cifar as tvc
 
@@ -982,6 +983,8 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
                          (["--lr", "0"], r"--lr 0"), (["--momentum", "1"], r"--momentum 1"),
                          (["--wd", "-1e-4"], r"--wd -0.0001"), (["--wa-decay", "1"], r"--wa-decay 1"),
                          (["--milestones", "150", "100"], r"--milestones 150 100: give increasing epochs"),
+                         (["--epochs", "3", "--milestones", "2", "5"],
+                          r"--milestones 2 5: the lr decays after these epochs, so each must be below --epochs 3"),
                          (["--rotate", "400"], r"--rotate 400"), (["--seed", "-1"], r"--seed -1"),
                          (["--device", "gpu"], r"--device 'gpu' is not a device"),
                          (["--no-such-flag"], r"unrecognized arguments: --no-such-flag")):
@@ -1001,8 +1004,17 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     one_line_error(at.main, *at_args(root, run, "--epochs", "1", "--milestones"),
                    match="already holds a run .*pass --resume")
     one_line_error(at.main, *at_args(root, run, "--resume", "--arch", "resnet18"),
-                   match=r"holds a at.py run of cnn on cifar10; resume it with python at.py --arch cnn")
-    one_line_error(sar.main, *at_args(root, run, "--resume"), match=r"holds a at.py run")
+                   match=r"holds an at.py run of cnn on cifar10; resume it with python at.py --arch cnn")
+    one_line_error(sar.main, *at_args(root, run, "--resume"), match=r"holds an at.py run")
+    # a run folder stands for its best.pt; one without it is refused, naming what it holds
+    res = ev([str(run), "--attacks", "clean", "--n-examples", "8"])
+    assert str(run / "best.pt") in res
+    (tmp_path / "nobest").mkdir()
+    torch.save({}, tmp_path / "nobest" / "last.pt")
+    one_line_error(ev, str(tmp_path / "nobest"), match=r"nobest is a folder without best.pt; pass one of its "
+                                                       r"checkpoints \(last.pt\)")
+    with pytest.raises(ValueError, match="fft='dct'"):
+        sar.sar_loss(torch.zeros(2, 3), torch.zeros(2, 3), "dct")
     # eval's flags
     for flags, match in ((["--n-examples", "0"], r"--n-examples 0: evaluate at least 1 image"),
                          (["--n-examples", "-5"], r"--n-examples -5"),

@@ -146,6 +146,9 @@ def check_device(name):
 
 def check_train_args(args):
     """The flags every method shares; one line per problem, naming the fix."""
+    import models
+    require(args.dataset in data.DATASETS, f"unknown dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
+    require(args.arch in models.ARCHS, f"unknown arch {args.arch!r}; choose one of {', '.join(models.ARCHS)}")
     require(args.epochs >= 1, f"--epochs {args.epochs}: train at least 1 epoch")
     require(args.batch_size >= 1, f"--batch-size {args.batch_size}: use a positive batch size, e.g. 128")
     require(args.max_batches is None or args.max_batches >= 1,
@@ -268,7 +271,7 @@ def start_run(args, method, main_rank):
             f"{last_path} is not a last.pt written by this project; pass --out for a new run")
     saved = ck["args"]
     require((ck["method"], ck["arch"], ck["dataset"]) == (method, args.arch, args.dataset),
-            f"{last_path} holds a {ck['method']}.py run of {ck['arch']} on {ck['dataset']}; resume it with "
+            f"{last_path} holds {'an' if ck['method'][0] in 'aeiou' else 'a'} {ck['method']}.py run of {ck['arch']} on {ck['dataset']}; resume it with "
             f"python {ck['method']}.py --arch {ck['arch']} --dataset {ck['dataset']}, or pass --out for a new run")
     if bool(saved.get("wa")) != bool(args.wa) or (args.wa and saved.get("wa_mode") != args.wa_mode):
         raise SystemExit(f"error: {last_path} was trained with {_wa_text(saved)}; resume it with the same (changing "
@@ -499,27 +502,6 @@ def now():
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def forward_gflops(model, x):
-    """GFLOP of one forward per image (torch.utils.flop_counter: 2 per multiply-add in convolutions and matmuls).
-    A training pass (forward + backward) costs about 3 of these, a PGD step (input gradient only) about 2."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() / len(x) / 1e9
-
-
-def bench_report(args, model, ds, rec, world, passes):
-    """The --bench line: images/s of the second epoch, and the TFLOP/s it implies (forward FLOPs x passes)."""
-    gflop = forward_gflops(model, ds["train_x"][:2].float() / 255)
-    print(f"benchmark: {rec['img_per_s']:.4g} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
-          f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
-          f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved",
-          flush=True)
-
-
 def progress(i, n, t0, prefix=""):
     """A self-overwriting progress line on a terminal; reads no GPU value, so it costs no host sync."""
     if sys.stderr.isatty() and (i % 10 == 0 or i == n):
@@ -655,7 +637,8 @@ def finish(args, method, model, ds, world, passes):
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if args.bench:
         if main_rank:
-            bench_report(args, model, ds, read_log(args.out)[-1], world, passes)
+            import bench  # --bench's report lives with the speed table
+            bench.report_line(args, model, ds, read_log(args.out)[-1], world, passes)
         shutil.rmtree(args.out, ignore_errors=True)
     elif main_rank:
         best_path = os.path.join(args.out, "best.pt")
