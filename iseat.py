@@ -172,7 +172,7 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits, reg, v = iseat_objective(net, x, y, args.eps, args.alpha, args.steps, args.awp_gamma,
                                                        args.awp_eta, lam, args.random_start, noise, gather, average)
-            opt.zero_grad(set_to_none=False)  # attack and proxy took no gradient of the weights' .grad
+            opt.zero_grad(set_to_none=False)
             loss.backward()
             with awp_perturbed(net, v, args.awp_gamma):  # the step at theta + gamma v, then back
                 opt.step()

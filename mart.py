@@ -129,7 +129,7 @@ def main(argv=None):
         for x, y, noise, _ in utils.train_batches(ds, args, epoch, rank, world, noise="normal"):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits, kl = mart_objective(net, x, y, args.eps, args.alpha, args.steps, args.beta, noise)
-            opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
+            opt.zero_grad(set_to_none=False)
             loss.backward()
             opt.step()
             wa.after_step(avg, model, args.wa_mode)

@@ -123,7 +123,7 @@ def main(argv=None):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits, reg = sar_objective(net, x, y, args.eps, args.alpha, args.steps, lam, args.sar_fft,
                                                   noise, gather)
-            opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
+            opt.zero_grad(set_to_none=False)
             loss.backward()
             opt.step()
             wa.after_step(avg, model, args.wa_mode)
