@@ -1881,3 +1881,41 @@ def test_method_is_one_copyable_function_and_is_the_scripts_step(cifar, tmp_path
     assert abs(out[0].item() - calls[1].item()) < 1e-6
     for p, g in zip(net.parameters(), grads[0]):
         assert torch.allclose(p.grad, g, atol=1e-6), method
+
+
+def test_torchrun_grey_images_make_no_gradient_copies(tmp_path):
+    # a grey-image network's first conv is 16 x 1 x 3 x 3: a gradient that sums two forwards' contributions (SAR's
+    # adversarial and clean branches) got strides other than its parameter's in that size-1 dimension, and DDP
+    # warned "Grad strides do not match bucket view strides" and copied it at every step. Gradients now stay in
+    # DDP's buckets between steps.
+    write_mnist_like(tmp_path / "mnist", n_train=120, n_test=12)
+    _, out = launch(tmp_path, "sar", ["--dataset", "mnist", "--data-dir", str(tmp_path / "mnist"), "--arch", "cnn",
+                                      "--epochs", "1", "--milestones", "--batch-size", "32", "--max-batches", "2",
+                                      "--val-size", "20", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert "epoch 1 |" in out and "Grad strides" not in out
+
+
+def test_awp_step_at_the_perturbed_point_differs_only_through_weight_decay():
+    # the gradient is taken before the step, so with SGD the step at theta + gamma v, once the perturbation is
+    # removed, is the step at theta, unless weight decay (which sees theta + gamma v) is on: then the first step
+    # differs by exactly -lr * wd * gamma * v
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 3, 8, 8), torch.randint(0, 10, (12,))
+    after, gamma, lr = {}, 7e-3, 0.1
+    for wd in (0.0, 0.05):
+        for perturbed in (True, False):
+            torch.manual_seed(1)
+            model = models.get_model("cnn", 10).train()
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+            torch.manual_seed(2)
+            loss, _, _, v = iseat.iseat_objective(model, x, y, lam=0.1)
+            opt.zero_grad()
+            loss.backward()
+            with iseat.awp_perturbed(model, v, gamma if perturbed else 0.0):
+                opt.step()
+            after[wd, perturbed] = {k: t.clone() for k, t in model.state_dict().items()}
+    for k in after[0.0, True]:
+        assert torch.allclose(after[0.0, True][k].float(), after[0.0, False][k].float(), atol=1e-7), k
+    for k in v:
+        assert torch.allclose(after[0.05, True][k] - after[0.05, False][k], -lr * 0.05 * gamma * v[k], atol=1e-7), k
+        assert (-lr * 0.05 * gamma * v[k]).abs().max() > 1e-6  # well above the tolerance
