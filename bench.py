@@ -145,6 +145,8 @@ def markdown(res, args, device_name, peak):
         best = row.get(top, {})
         frac = f"{best['tflops'] / peak:.1%}" if peak and "tflops" in best else ""
         epoch = f"{50000 / best['img_per_s']:.1f} s" if "img_per_s" in best else ""
+        if epoch and args.quick:
+            epoch += " (rough: from a few batches)"
         lines.append(f"| {arch} | " + " | ".join(cells)
                      + f" | {lb_cell} | {best.get('tflops', '')} | {frac} | {epoch} |")
     lines += ["", "| method | model | " + " | ".join(f"{m} img/s (x at step time)" for m in args.modes) + " |",

@@ -107,7 +107,8 @@ def load_model(path, args, device):
         else:
             sd = ck["model"]
         data_dir = args.data_dir or ck["args"].get("data_dir", "data")
-        info = dict(epoch=ck["epoch"], method=ck["method"], weights=ck.get("weights", args.weights),
+        method = "natural" if ck["args"].get("eps", 1) == 0 else ck["method"]  # --eps 0: no attack in training
+        info = dict(epoch=ck["epoch"], method=method, weights=ck.get("weights", args.weights),
                     num_classes=ck["num_classes"], in_channels=ck.get("in_channels", 3))
     else:
         if args.arch is None or args.dataset is None:

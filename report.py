@@ -74,7 +74,8 @@ def rows_of(run, log):
             continue
         a, m = ck["args"], ck.get("metrics") or {}
         prefix = "wa_" if (weights == "wa" or ck.get("weights") == "wa") else ""
-        row = dict(run=os.path.basename(os.path.normpath(run)), checkpoint=label, method=ck["method"],
+        method = "natural" if a.get("eps", 1) == 0 else ck["method"]  # at.py --eps 0 trains without an attack
+        row = dict(run=os.path.basename(os.path.normpath(run)), checkpoint=label, method=method,
                    network=ck["arch"], dataset=ck["dataset"], epochs=f"{len(log)}/{a['epochs']}", epoch=ck["epoch"],
                    val_clean=m.get(prefix + "val_clean"), val_pgd=m.get(prefix + "val_pgd"),
                    val_attack=f"PGD-{a.get('val_steps', a.get('steps'))}" if a.get("eps", 1) > 0 else "")
@@ -141,6 +142,8 @@ def plot_curves(runs, path):
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     colours = plt.get_cmap("tab10").colors
     handles = []
+    reached = [{m for m in ms if log and m < max(r["epoch"] for r in log)} for _, log, ms in runs]
+    shared = set.intersection(*reached) if len(runs) > 1 else set()
     for i, (run, log, milestones) in enumerate(runs):
         c = colours[i % len(colours)]
         label = os.path.basename(os.path.normpath(run))
@@ -157,9 +160,12 @@ def plot_curves(runs, path):
                 axes[2].plot(*zip(*pts), ":", color=c, marker="x", markersize=3)
         for ax in axes:
             for m in milestones:
-                if ep and m < max(ep):
+                if ep and m < max(ep) and m not in shared:
                     ax.axvline(m + 0.5, color=c, linestyle=":", linewidth=1, alpha=0.6)
         handles.append(Line2D([], [], color=c, label=label))
+    for m in shared:  # an lr decay every run shares: one grey line, not several on top of each other
+        for ax in axes:
+            ax.axvline(m + 0.5, color="grey", linestyle=":", linewidth=1, alpha=0.8)
     axes[0].set_title("validation PGD accuracy (each run's --val-steps)")
     axes[1].set_title("validation clean accuracy")
     axes[2].set_title("training: loss (solid) and the method's term (dotted, x)")
@@ -169,10 +175,12 @@ def plot_curves(runs, path):
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("value (log scale)")
     axes[2].set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     styles = [Line2D([], [], color="grey", linestyle="-", label="model weights"),
-              Line2D([], [], color="grey", linestyle="--", label="weight average"),
+              Line2D([], [], color="grey", linestyle="--", marker="o", markersize=3, label="weight average"),
               Line2D([], [], color="grey", linestyle=":", label="lr decay (after that epoch)")]
     fig.legend(handles=handles + styles, loc="lower center", ncol=min(6, len(handles) + 3), fontsize=8,
                frameon=False)

@@ -680,6 +680,8 @@ def test_natural_training_says_so_and_runs_no_attack(cifar, tmp_path, monkeypatc
         best = torch.load(out / "best.pt", weights_only=True)  # chosen on clean accuracy
         assert best["metrics"]["val_clean"] == max(r["val_clean"] for r in log)
     assert calls == []  # neither the training attack nor validation PGD ran
+    res = ev([str(tmp_path / "at" / "best.pt"), "--attacks", "clean", "--n-examples", "8"])
+    assert res[str(tmp_path / "at" / "best.pt")]["method"] == "natural"  # not "at": it saw no attack
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"no Fashion-MNIST files in {FMNIST} "
@@ -1714,6 +1716,7 @@ def test_bench_py_prints_the_speed_table_and_writes_json(tmp_path):
         assert ratio == pytest.approx(saved["runs"]["at"]["cnn"]["fp32"]["img_per_s"] / r["img_per_s"], rel=1e-2)
     assert saved["largest_batch"]["cnn"]["batch"] == 128
     assert "| cnn |" in res["markdown"] and "| iseat | cnn |" in res["markdown"]
+    assert "(rough: from a few batches)" in res["markdown"]  # --quick's epoch time is an extrapolation
     assert bench.peak_of("NVIDIA H100 80GB HBM3", None) == (989.0, "H100")
     assert bench.peak_of("NVIDIA H100 PCIe", None) == (756.0, "H100 PCIe")
     assert bench.peak_of("NVIDIA H200", None)[0] == 989.0 and bench.peak_of("Some GPU", 123.0) == (123.0, "given")
