@@ -964,6 +964,11 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     monkeypatch.setattr(tvc, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit, match=r"cifar100 not found in .*empty/ .*cifar-100-python.tar.gz"):
         data.load("cifar100", str(tmp_path / "empty"))
+    # a run that cannot start leaves no folder behind, also when it fails after the flags (here: no data)
+    with pytest.raises(SystemExit, match="cifar100 not found"):  # through the scripts' entry point, as a user runs it
+        utils.cli(lambda: at.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"), "--out",
+                                   str(tmp_path / "made" / "run"), "--device", DEV]))
+    assert not (tmp_path / "made").exists()
     with pytest.raises(SystemExit, match="tiny_imagenet not found"):
         data.load("tiny_imagenet", str(tmp_path / "empty"), download=False)
     with pytest.raises(SystemExit, match="--val-size"):

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -188,6 +189,9 @@ def cli(main):
     try:
         main()
     except SystemExit as e:
+        for folder in MADE_FOLDERS:  # a run that could not start (missing data, ...) leaves no empty folder behind
+            if os.path.isdir(folder) and not any(files for _, _, files in os.walk(folder)):
+                shutil.rmtree(folder)
         if isinstance(e.code, str) and int(os.environ.get("RANK", "0")) != 0:
             raise SystemExit(1) from None
         raise
@@ -241,6 +245,9 @@ def _wa_text(a):
     return f"--wa --wa-mode {a.get('wa_mode')}" if a.get("wa") else "no --wa"
 
 
+MADE_FOLDERS = []  # output folders this process created
+
+
 def start_run(args, method, main_rank):
     """Prepares args.out before the work starts and says what happens to what is there. Returns the state of
     OUT/last.pt to resume from, or None for a fresh start.
@@ -250,6 +257,11 @@ def start_run(args, method, main_rank):
       - a weight average is never dropped or restarted silently: the --wa setting must match the checkpoint's;
       - a fresh start in a folder without last.pt does not inherit a dead run's log lines."""
     if main_rank:
+        top = os.path.abspath(args.out)
+        while not os.path.exists(os.path.dirname(top)):
+            top = os.path.dirname(top)
+        if not os.path.exists(top):
+            MADE_FOLDERS.append(top)  # removed again if the run fails before writing anything (see cli)
         check_writable(args.out)
         for name in remove_stale_temp_files(args.out):
             print(f"removed {name}: the temp file of a write that was killed")
@@ -633,7 +645,6 @@ def finish(args, method, model, ds, world, passes):
     """The end of a run: --bench prints its throughput line and removes its folder; a training run says what it
     left (best.pt's epoch and validation numbers, the files) and the evaluation to run next. passes: forward-
     equivalents per image of the method's step (for --bench's TFLOP/s)."""
-    import shutil
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if args.bench:
         if main_rank:
