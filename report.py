@@ -39,14 +39,6 @@ def get_args(argv=None):
     return args
 
 
-def read_log(run):
-    path = os.path.join(run, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def pick(results, name):
     """The stored result of one attack: the one on the most images, then the newest."""
     found = [r for r in results.values() if r.get("name") == name]
@@ -205,7 +197,7 @@ def main(argv=None):
     utils.check_writable(args.out)
     rows, curves = [], []
     for run in runs:
-        log = read_log(run)
+        log = utils.read_log(run)
         run_rows, milestones = rows_of(run, log)
         rows += run_rows
         if log:
