@@ -7,7 +7,6 @@ left behind, and the model's train/eval mode is not touched (training attacks ru
 wants; evaluation wraps the model in frozen()).
 """
 import contextlib
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -97,37 +96,73 @@ def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
 
 
 def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", n_examples=None,
-               log=None):
-    """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square.
-    eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a time-based seed); the global
-    random state it reseeds is restored; fp32; gradients FAB leaves on the parameters are cleared.
-    Returns per-sample correctness on the final, point-wise worst-case adversarial examples of the first
-    n_examples images (all by default)."""
+               log=None, state=None, save=None):
+    """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square, each
+    run on the images still robust after the ones before, as the library's run_standard_evaluation runs them (the
+    same batches, each component seeded with `seed` as it starts), one component at a time: `state` (a dict;
+    {"done": [...], "robust": per-image flags}) is updated after each component and `save()` called, so that an
+    evaluation killed inside a component continues with that component, and the per-image result is that of an
+    uninterrupted run. eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a
+    time-based seed); the global random state it reseeds is restored; fp32; gradients FAB leaves on the parameters
+    are cleared. Returns per-sample correctness on the final, point-wise worst case of the first n_examples images."""
+    import time
     from pyautoattack import AutoAttack
     x, y = x[:n_examples], y[:n_examples]
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    lib_log = logging.getLogger("auto-attack")
-    handler = None
-    if log is not None:
-        handler = logging.Handler(logging.DEBUG)
-        handler.emit = lambda record: log("  autoattack: " + record.getMessage())
-        lib_log.addHandler(handler)
-        lib_log.setLevel(logging.DEBUG)
+    state = {} if state is None else state
+    say = log or (lambda m: None)
     devices = [x.device] if x.device.type == "cuda" else []
     try:
         with frozen(model), torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
             adversary = AutoAttack(model, norm=norm, eps=eps, version=version, device=x.device, seed=seed)
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-            dist = (x_adv - x).flatten(1)
-            dist = dist.abs().max(1).values if norm == "Linf" else dist.norm(dim=1)
-            assert float(dist.max()) <= eps + 1e-5 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
-            result = correct(model, x_adv, y, batch_size)
+            if "robust" not in state:
+                with torch.no_grad():
+                    state.update(done=[], robust=correct(model, x, y, batch_size).cpu())
+            robust = state["robust"].to(x.device).clone()
+            for attack in adversary.attacks_to_run:
+                if attack in state["done"]:
+                    continue
+                t0 = time.time()
+                idx = robust.nonzero()[:, 0]
+                for s in range(0, len(idx), batch_size):  # the library's batches of the robust images
+                    b = idx[s:s + batch_size]
+                    adv = _aa_component(adversary, attack, x[b], y[b]).detach()
+                    dist = (adv - x[b]).flatten(1)
+                    dist = dist.abs().max(1).values if norm == "Linf" else dist.norm(dim=1)
+                    assert float(dist.max()) <= eps + 1e-5 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+                    with torch.no_grad():
+                        robust[b[model(adv).argmax(1) != y[b]]] = False
+                state["done"] = state["done"] + [attack]
+                state["robust"] = robust.cpu().clone()
+                if save is not None:
+                    save()
+                say(f"  AutoAttack {attack}: {int(robust.sum())}/{len(y)} images still robust, "
+                    f"{time.time() - t0:.0f} s")
     finally:
-        if handler is not None:
-            lib_log.removeHandler(handler)
         for p in model.parameters():
             p.grad = None
-    return result
+    return state["robust"].to(y.device)
+
+
+def _aa_component(adversary, attack, x, y):
+    """One AutoAttack component on a batch, set up as run_standard_evaluation sets it up."""
+    if attack in ("apgd-ce", "apgd-dlr"):
+        adversary.apgd.loss = attack[5:]
+        adversary.apgd.seed = adversary.get_seed()
+        return adversary.apgd.perturb(x, y)
+    if attack == "apgd-t":
+        adversary.apgd_targeted.seed = adversary.get_seed()
+        return adversary.apgd_targeted.perturb(x, y)
+    if attack in ("fab", "fab-t"):
+        adversary.fab.targeted = attack == "fab-t"
+        if attack == "fab-t":
+            adversary.fab.n_restarts = 1
+        adversary.fab.seed = adversary.get_seed()
+        return adversary.fab.perturb(x, y)
+    if attack == "square":
+        adversary.square.seed = adversary.get_seed()
+        return adversary.square.perturb(x, y)
+    raise ValueError(f"unknown AutoAttack component {attack!r}")
 
 
 def radius(v, norm="Linf", digits=4):

@@ -197,15 +197,17 @@ def attack_key(name, args, n):
     return key, desc
 
 
-def chunk_correct(model, name, xb, yb, args):
-    """Per-image correctness of one chunk under one attack."""
+def chunk_correct(model, name, xb, yb, args, state=None, save=None):
+    """Per-image correctness of one chunk under one attack. AutoAttack keeps its progress in `state` after each of
+    its components (save() writes it), so a killed evaluation continues inside the chunk."""
     if name == "clean":
         return attacks.correct(model, xb, yb, len(xb))
     if name == "fgsm":
         return attacks.correct(model, xb, yb, len(xb), attack=attacks.fgsm, eps=args.eps, norm=args.norm)
     if name == "aa":
         return attacks.autoattack(model, xb, yb, args.eps, args.norm, len(xb), args.seed,
-                                  log=lambda m: sys.stderr.write(m + "\n"))
+                                  log=lambda m: (sys.stderr.write(m + "\n"), sys.stderr.flush()), state=state,
+                                  save=save)
     ok = torch.ones(len(yb), dtype=torch.bool, device=yb.device)
     for _ in range(args.restarts):
         ok &= attacks.correct(model, xb, yb, len(xb), attack=attacks.pgd, eps=args.eps, alpha=args.alpha,
@@ -240,7 +242,10 @@ def run_attack(model, name, x, y, args, store, save):
         # the chunk's randomness is a function of (seed, attack, chunk): the same whether or not the run was resumed
         torch.manual_seed(args.seed * 1_000_003 + zlib.crc32(name.encode()) + c)
         t_chunk = time.time()
-        entry["correct"][s:e] = chunk_correct(model, name, x[s:e], y[s:e], args).cpu()
+        parts = entry.setdefault("parts", {})  # AutoAttack's per-component progress in the unfinished chunk
+        entry["correct"][s:e] = chunk_correct(model, name, x[s:e], y[s:e], args, parts.setdefault(c, {}),
+                                              save).cpu()
+        parts.pop(c, None)
         entry["done"][c] = True
         entry["seconds"] = round(entry["seconds"] + time.time() - t_chunk, 2)
         if bool(entry["done"].all()):

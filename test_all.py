@@ -726,11 +726,11 @@ def test_eval_keeps_results_resumes_after_a_kill_and_never_mixes_checkpoints(tmp
     real_chunk = evaluate.chunk_correct
 
     def recording_chunk(states):  # the random state each chunk starts from, by (attack, chunk)
-        def chunk(model, name, xb, yb, args):
+        def chunk(model, name, xb, yb, args, *rest):
             rng = torch.get_rng_state().numpy().tobytes() + (torch.cuda.get_rng_state().numpy().tobytes()
                                                              if ON_CUDA else b"")
             states[(name, round(xb.float().sum().item()))] = hashlib.md5(rng).hexdigest()
-            return real_chunk(model, name, xb, yb, args)
+            return real_chunk(model, name, xb, yb, args, *rest)
         return chunk
     monkeypatch.setattr(evaluate, "chunk_correct", recording_chunk(ref_states))
     cmd = [ck, "--attacks", "clean", "fgsm", "pgd", "cw", "--n-examples", "48", "--batch-size", "12",
@@ -1927,3 +1927,37 @@ def test_awp_step_at_the_perturbed_point_differs_only_through_weight_decay():
     for k in v:
         assert torch.allclose(after[0.05, True][k] - after[0.05, False][k], -lr * 0.05 * gamma * v[k], atol=1e-7), k
         assert (-lr * 0.05 * gamma * v[k]).abs().max() > 1e-6  # well above the tolerance
+
+
+def test_autoattack_resumes_inside_a_component_and_equals_the_standard_evaluation(tmp_path, monkeypatch):
+    from pyautoattack import AutoAttack
+    torch.manual_seed(0)
+    model = models.get_model("cnn", 10).to(DEV).eval()
+    x = torch.rand(24, 3, 16, 16, device=DEV)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image starts correct
+    eps = 6 / 255  # APGD-CE breaks some of them, not all
+    with attacks.frozen(model), torch.random.fork_rng():  # the library's standard evaluation, uninterrupted
+        x_adv, _ = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=x.device,
+                              seed=0).run_standard_evaluation(x, y, batch_size=24)
+        with torch.no_grad():
+            want = (model(x_adv).argmax(1) == y).cpu()
+    # killed inside APGD-T: what APGD-CE found is kept; the same call continues with APGD-T
+    real, saved = attacks._aa_component, []
+
+    def dying(adversary, attack, xb, yb):
+        if attack == "apgd-t":
+            raise KeyboardInterrupt
+        return real(adversary, attack, xb, yb)
+    state = {}
+    monkeypatch.setattr(attacks, "_aa_component", dying)
+    with pytest.raises(KeyboardInterrupt):
+        attacks.autoattack(model, x, y, eps, batch_size=24, state=state,
+                           save=lambda: saved.append(copy.deepcopy(state)))
+    assert [s["done"] for s in saved] == [["apgd-ce"]] and 0 < int(saved[-1]["robust"].sum()) < 24
+    ran = []
+    monkeypatch.setattr(attacks, "_aa_component", lambda a, name, xb, yb: ran.append(name) or real(a, name, xb, yb))
+    got = attacks.autoattack(model, x, y, eps, batch_size=24, state=saved[-1])
+    assert ran[0] == "apgd-t" and "apgd-ce" not in ran  # APGD-CE is not run again
+    assert torch.equal(got.cpu(), want)  # the per-image result of the uninterrupted standard evaluation
+    assert saved[-1]["done"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
