@@ -6,8 +6,9 @@
 Table: one row per run and checkpoint (best.pt, last.pt, wa_best.pt, and last.pt's weight average when it was
 evaluated): method, network, data set, epochs trained, the epoch the checkpoint holds, its validation clean and PGD
 accuracy, and every eval.py result found beside it (NAME.eval.json): clean, FGSM, PGD, CW, AutoAttack and the
-per-image worst case. Where a checkpoint was evaluated more than once with the same attack, the result on the most
-images (then the newest) is shown. Each attack's settings and number of images are given below the table (numbered
+per-image worst case. A row shows its attacks on the same images where it can: the largest number of first test
+images every attack of the row was run on (then the newest result), so the worst case covers them all; a cell on
+other images says so ("other images: first N"). Each attack's settings and number of images are given below the table (numbered
 where the rows differ); the CSV carries them in every row. Missing cells stay empty.
 
 Curves (PNG): validation PGD and clean accuracy per epoch for every run, one colour per run, the weight average
@@ -39,10 +40,23 @@ def get_args(argv=None):
     return args
 
 
-def pick(results, name):
-    """The stored result of one attack: the one on the most images, then the newest."""
-    found = [r for r in results.values() if r.get("name") == name]
-    return max(found, key=lambda r: (r["n_examples"], r.get("date") or "")) if found else None
+def pick_row(results):
+    """One stored result per attack column, all on the same images where they can be: the largest number of first
+    test images on which every attack of the row was run (then the newest); the worst case is then the one over
+    those images. An attack without a result on that set shows its result on the most images, and its cell says on
+    how many (with no set common to all, the largest set is the row's). Returns ({column: result or None}, the
+    row's number of images or None)."""
+    attacks_run = {r["name"] for r in results.values() if r.get("name") not in (None, "worst")}
+    sizes = {r["n_examples"] for r in results.values()}
+    shared = [k for k in sizes if all(any(r.get("name") == a and r["n_examples"] == k for r in results.values())
+                                      for a in attacks_run)]
+    n_row = max(shared) if shared else (max(sizes) if sizes else None)
+    row = {}
+    for name, _ in ATTACK_COLUMNS:
+        found = [r for r in results.values() if r.get("name") == name]
+        on_row = [r for r in found if r["n_examples"] == n_row]
+        row[name] = max(on_row or found, key=lambda r: (r["n_examples"], r.get("date") or "")) if found else None
+    return row, n_row
 
 
 def rows_of(run, log):
@@ -71,9 +85,8 @@ def rows_of(run, log):
                    network=ck["arch"], dataset=ck["dataset"], epochs=f"{len(log)}/{a['epochs']}", epoch=ck["epoch"],
                    val_clean=m.get(prefix + "val_clean"), val_pgd=m.get(prefix + "val_pgd"),
                    val_attack=f"PGD-{a.get('val_steps', a.get('steps'))}" if a.get("eps", 1) > 0 else "")
-        for name, _ in ATTACK_COLUMNS:
-            r = pick(results, name)
-            row[name] = r
+        picked, row["n_row"] = pick_row(results)
+        row.update(picked)
         rows.append(row)
     last = cks.get("last.pt") or (utils.load_checkpoint(os.path.join(run, "last.pt"), mmap=True)
                                   if os.path.exists(os.path.join(run, "last.pt")) else {})
@@ -105,7 +118,9 @@ def table(rows):
         for name, _ in ATTACK_COLUMNS:
             res = r[name]
             note = notes.get((name, (res["attack"], res["n_examples"]))) if res else None
-            cells.append("" if res is None else fmt(res["accuracy"]) + (f" [{note}]" if note else ""))
+            other = res is not None and r["n_row"] is not None and res["n_examples"] != r["n_row"]
+            cells.append("" if res is None else fmt(res["accuracy"]) + (f" [{note}]" if note else "")
+                         + (f" (other images: first {res['n_examples']})" if other else ""))
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n\nAccuracy in %. Attack settings:\n" + "\n".join(legend) + "\n"
     buf = io.StringIO()

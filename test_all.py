@@ -1961,3 +1961,27 @@ def test_autoattack_resumes_inside_a_component_and_equals_the_standard_evaluatio
     assert ran[0] == "apgd-t" and "apgd-ce" not in ran  # APGD-CE is not run again
     assert torch.equal(got.cpu(), want)  # the per-image result of the uninterrupted standard evaluation
     assert saved[-1]["done"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+def test_report_puts_a_row_on_the_same_images():
+    import report
+
+    def r(name, n, acc, date="2026-01-01"):
+        return {f"{name}|{n}|{date}": dict(name=name, attack=name.upper(), accuracy=acc, n_examples=n, date=date)}
+    # PGD and the worst case on 1,000 images, AutoAttack on 100 and on 1,000: the row is on 1,000 images
+    res = {**r("clean", 1000, 80.0), **r("pgd", 1000, 50.0), **r("aa", 100, 40.0), **r("aa", 1000, 45.0),
+           **r("worst", 100, 39.0), **r("worst", 1000, 44.0)}
+    row, n = report.pick_row(res)
+    assert n == 1000 and row["aa"]["accuracy"] == 45.0 and row["worst"]["accuracy"] == 44.0
+    # AutoAttack on 100 only: the largest set every attack shares is 100, and the worst case over it is shown
+    res = {**r("clean", 1000, 80.0), **r("clean", 100, 81.0), **r("pgd", 1000, 50.0), **r("pgd", 100, 52.0),
+           **r("aa", 100, 40.0), **r("worst", 1000, 49.0), **r("worst", 100, 39.0)}
+    row, n = report.pick_row(res)
+    assert n == 100 and row["pgd"]["accuracy"] == 52.0 and row["worst"]["accuracy"] == 39.0
+    # no set common to all: each attack on its most images, and the table says which cells are on other images
+    res = {**r("pgd", 1000, 50.0), **r("worst", 1000, 49.0), **r("aa", 100, 40.0)}
+    row, n = report.pick_row(res)
+    assert n == 1000 and row["aa"]["n_examples"] == 100
+    md, _ = report.table([dict(run="r", checkpoint="best", method="at", network="cnn", dataset="cifar10",
+                               epochs="1/1", epoch=1, val_clean=None, val_pgd=None, val_attack="", n_row=n, **row)])
+    assert "40.00 (other images: first 100)" in md and "50.00 |" in md
