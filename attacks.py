@@ -96,7 +96,7 @@ def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
 
 
 def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", n_examples=None,
-               log=None, state=None, save=None):
+               log=None, state=None, save=None, rates=None):
     """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square, each
     run on the images still robust after the ones before, as the library's run_standard_evaluation runs them (the
     same batches, each component seeded with `seed` as it starts), one component at a time: `state` (a dict;
@@ -104,12 +104,15 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
     evaluation killed inside a component continues with that component, and the per-image result is that of an
     uninterrupted run. eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a
     time-based seed); the global random state it reseeds is restored; fp32; gradients FAB leaves on the parameters
-    are cleared. Returns per-sample correctness on the final, point-wise worst case of the first n_examples images."""
+    are cleared. `rates` ({component: seconds per image attacked}, kept by the caller across chunks) gives the time
+    left in the log line. Returns per-sample correctness on the final, point-wise worst case of the first n_examples
+    images."""
     import time
     from pyautoattack import AutoAttack
     x, y = x[:n_examples], y[:n_examples]
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     state = {} if state is None else state
+    rates = {} if rates is None else rates
     say = log or (lambda m: None)
     devices = [x.device] if x.device.type == "cuda" else []
     try:
@@ -134,14 +137,34 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
                         robust[b[model(adv).argmax(1) != y[b]]] = False
                 state["done"] = state["done"] + [attack]
                 state["robust"] = robust.cpu().clone()
+                if len(idx):
+                    rates[attack] = (time.time() - t0) / len(idx)
                 if save is not None:
                     save()
+                rest = adversary.attacks_to_run[adversary.attacks_to_run.index(attack) + 1:]
+                left = (f"~{sum(rates[a] for a in rest) * int(robust.sum()):.0f} s left in these {len(y)} images"
+                        if all(a in rates for a in rest) else "time left known after the first images")
                 say(f"  AutoAttack {attack}: {int(robust.sum())}/{len(y)} images still robust, "
-                    f"{time.time() - t0:.0f} s")
+                    f"{time.time() - t0:.0f} s" + (f", {left}" if rest else ""))
     finally:
         for p in model.parameters():
             p.grad = None
     return state["robust"].to(y.device)
+
+
+def square(model, x, y, eps=8 / 255, norm="Linf", queries=5000, seed=0):
+    """AutoAttack's Square (Andriushchenko et al. 2020), a score-based black-box attack, as the standard
+    AutoAttack sets it up (p_init 0.8, one restart), through pyautoattack==0.2.0: it asks the model for scores only,
+    never for a gradient. The global random state it reseeds is restored; fp32. Returns per-sample correctness."""
+    from pyautoattack.square import SquareAttack
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    devices = [x.device] if x.device.type == "cuda" else []
+    with frozen(model), torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
+        sq = SquareAttack(model, p_init=.8, n_queries=queries, eps=eps, norm=norm, n_restarts=1, seed=seed,
+                          verbose=False, device=x.device, resc_schedule=False)
+        adv = sq.perturb(x, y).detach()
+        with torch.no_grad():
+            return model(adv).argmax(1) == y
 
 
 def _aa_component(adversary, attack, x, y):
@@ -166,19 +189,24 @@ def _aa_component(adversary, attack, x, y):
 
 
 def radius(v, norm="Linf", digits=4):
-    """An L-inf radius or step as the user would write it: 8/255 for multiples of 1/255 in (0, 1] (-8/255 too),
+    """An L-inf radius or step as the user would write it: 8/255 for multiples of 1/255 in (0, 1] (-8/255 too;
+    0.5/255 for quarters of 1/255),
     anything else (0.1, 0.031, 8, L2 radii) as a number with `digits` significant digits."""
     k = v * 255
     if norm == "Linf" and 0 < abs(v) <= 1 and abs(k - round(k)) < 1e-6:
         return f"{round(k)}/255"
+    if norm == "Linf" and 0 < abs(v) <= 1 and abs(4 * k - round(4 * k)) < 1e-6:  # eps/4 and eps/2 of such radii
+        return f"{round(4 * k) / 4:g}/255"
     return f"{v:.{digits}g}"
 
 
-def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1):
+def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1, queries=None):
     """The attack's settings, printed beside every number it produces."""
     e = radius(eps, norm)
     if name == "clean":
         return "clean"
+    if name == "square":
+        return f"Square-{queries} ({norm}, eps {e}, on the images every white-box attack at eps left robust)"
     if name == "aa":
         return f"AutoAttack standard ({norm}, eps {e})"
     if name == "fgsm":

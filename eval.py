@@ -32,6 +32,7 @@ import zlib
 import torch
 
 import attacks
+import checks
 import data
 import models
 import spectral
@@ -64,7 +65,16 @@ def get_args(argv=None):
                    help="symmetric: |f| <= k/2 on both axes ((k+1) x (k+1) for even k, a real filter); kxk: exactly "
                         "the k x k centred frequencies of the paper's 'k x k patch', real part of the inverse")
     p.add_argument("--spectrum", action="store_true", help="mean amplitude spectrum of PGD perturbations (+ PNG)")
-    p.add_argument("--spectrum-out", default=None, help="PNG path (default: beside the first results file)")
+    p.add_argument("--spectrum-out", default=None, help="PNG path (default: beside the results, or for several "
+                                                          "checkpoints in the report folder beside their runs)")
+    p.add_argument("--checks", action="store_true", help="the eight gradient-masking checks, PASS / WARN (and the "
+                                                         "curve)")
+    p.add_argument("--curve", action="store_true", help="accuracy against the radius for PGD and CW (0, eps/4, "
+                                                        "eps/2, eps, 2 eps, 4 eps), one picture for all checkpoints")
+    p.add_argument("--checks-n", type=int, default=500, help="the first N test images for --checks and --curve")
+    p.add_argument("--square-queries", type=int, default=checks.SQUARE_QUERIES,
+                   help="queries of the black-box check's Square attack (AutoAttack's: 5000)")
+    p.add_argument("--curve-out", default=None, help="PNG path of the curve (default: as --spectrum-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = utils.parse_args(p, argv)
@@ -78,8 +88,10 @@ def get_args(argv=None):
     utils.require(args.pgd_steps >= 1 and args.cw_steps >= 1, "--pgd-steps and --cw-steps: use at least 1 step")
     utils.require(args.restarts >= 1, f"--restarts {args.restarts}: use at least 1")
     utils.require(args.seed >= 0, f"--seed {args.seed}: use a seed >= 0")
-    utils.require(args.attacks or args.lowpass or args.spectrum,
-                  "nothing to do: give --attacks, --lowpass or --spectrum")
+    utils.require(args.checks_n >= 1, f"--checks-n {args.checks_n}: check at least 1 image, e.g. 500")
+    utils.require(args.square_queries >= 1, f"--square-queries {args.square_queries}: use at least 1, e.g. 5000")
+    utils.require(args.attacks or args.lowpass or args.spectrum or args.checks or args.curve,
+                  "nothing to do: give --attacks, --checks, --curve, --lowpass or --spectrum")
     utils.check_device(args.device)
     return args
 
@@ -109,7 +121,8 @@ def load_model(path, args, device):
         data_dir = args.data_dir or ck["args"].get("data_dir", "data")
         method = "natural" if ck["args"].get("eps", 1) == 0 else ck["method"]  # --eps 0: no attack in training
         info = dict(epoch=ck["epoch"], method=method, weights=ck.get("weights", args.weights),
-                    num_classes=ck["num_classes"], in_channels=ck.get("in_channels", 3))
+                    num_classes=ck["num_classes"], in_channels=ck.get("in_channels", 3),
+                    train_eps=ck["args"].get("eps"))
     else:
         if args.arch is None or args.dataset is None:
             raise SystemExit(f"error: {path} is not a checkpoint of this project; pass --arch and --dataset to "
@@ -190,37 +203,58 @@ def read_results(json_path, store_path, fp, info):
     return record, store
 
 
-def attack_key(name, args, n):
-    steps = {"pgd": args.pgd_steps, "cw": args.cw_steps}.get(name)
-    desc = attacks.describe(name, args.eps, steps, args.alpha, args.norm, args.restarts)
-    key = f"{desc} | first {n} test images" + ("" if name == "clean" else f" | seed {args.seed}")
+def spec(name, args, eps=None, steps=None, alpha=None, restarts=None, queries=None):
+    """One attack's settings: eval.py's own at --eps unless told otherwise; the step scales with the radius
+    (--alpha * eps / --eps), so that the curve's attacks are the same attack at every radius."""
+    eps = args.eps if eps is None else eps
+    return dict(name=name, norm=args.norm, eps=0.0 if name == "clean" else eps,
+                steps={"pgd": args.pgd_steps, "cw": args.cw_steps}.get(name) if steps is None else steps,
+                alpha=alpha if alpha is not None else args.alpha if eps == args.eps else args.alpha * eps / args.eps,
+                restarts=args.restarts if restarts is None else restarts, queries=queries)
+
+
+def attack_key(s, n, seed):
+    desc = attacks.describe(s["name"], s["eps"], s["steps"], s["alpha"], s["norm"], s["restarts"], s["queries"])
+    key = f"{desc} | first {n} test images" + ("" if s["name"] == "clean" else f" | seed {seed}")
     return key, desc
 
 
-def chunk_correct(model, name, xb, yb, args, state=None, save=None):
-    """Per-image correctness of one chunk under one attack. AutoAttack keeps its progress in `state` after each of
-    its components (save() writes it), so a killed evaluation continues inside the chunk."""
+def chunk_correct(model, s, xb, yb, args, state=None, save=None, rates=None, attack_only=None):
+    """Per-image correctness of one chunk under one attack (spec s). AutoAttack keeps its progress in `state` after
+    each of its components (save() writes it), so a killed evaluation continues inside the chunk. Square attacks
+    only the images flagged in attack_only (the others count as broken)."""
+    name = s["name"]
     if name == "clean":
         return attacks.correct(model, xb, yb, len(xb))
     if name == "fgsm":
-        return attacks.correct(model, xb, yb, len(xb), attack=attacks.fgsm, eps=args.eps, norm=args.norm)
+        return attacks.correct(model, xb, yb, len(xb), attack=attacks.fgsm, eps=s["eps"], norm=s["norm"])
     if name == "aa":
-        return attacks.autoattack(model, xb, yb, args.eps, args.norm, len(xb), args.seed,
+        return attacks.autoattack(model, xb, yb, s["eps"], s["norm"], len(xb), args.seed,
                                   log=lambda m: (sys.stderr.write(m + "\n"), sys.stderr.flush()), state=state,
-                                  save=save)
+                                  save=save, rates=rates)
+    if name == "square":
+        ok = attack_only.to(yb.device).clone()
+        if ok.any():
+            ok[ok.clone()] = attacks.square(model, xb[ok], yb[ok], s["eps"], s["norm"], s["queries"], args.seed)
+        return ok
     ok = torch.ones(len(yb), dtype=torch.bool, device=yb.device)
-    for _ in range(args.restarts):
-        ok &= attacks.correct(model, xb, yb, len(xb), attack=attacks.pgd, eps=args.eps, alpha=args.alpha,
-                              steps=args.pgd_steps if name == "pgd" else args.cw_steps, random_start=True,
-                              loss="ce" if name == "pgd" else "cw", norm=args.norm)
+    for _ in range(s["restarts"]):  # each restart attacks the images still robust
+        # L-inf: the start is drawn for the whole chunk, so that an image's start does not depend on the others
+        u = torch.rand(xb.shape, device=xb.device) if s["norm"] == "Linf" else None
+        i = ok.nonzero()[:, 0] if u is not None else torch.arange(len(yb), device=yb.device)
+        if len(i):
+            ok[i] &= attacks.correct(model, xb[i], yb[i], len(i), attack=attacks.pgd, eps=s["eps"], alpha=s["alpha"],
+                                     steps=s["steps"], random_start=True, loss="ce" if name == "pgd" else "cw",
+                                     norm=s["norm"], **({} if u is None else dict(noise=u[i])))
     return ok
 
 
-def run_attack(model, name, x, y, args, store, save):
-    """Runs one attack chunk by chunk (--batch-size images), skipping chunks already done, saving after each.
-    Returns the store entry: per-image `correct`, per-chunk `done`, the settings and the time spent."""
+def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None):
+    """Runs one attack (spec s) chunk by chunk (--batch-size images), skipping chunks already done, saving after
+    each. listed: one of the attacks asked for (shown in the results), not only a check's. Returns (key, entry,
+    computed): the store entry holds per-image `correct`, per-chunk `done`, the settings and the time spent."""
     n, chunk = len(y), args.batch_size
-    key, desc = attack_key(name, args, n)
+    key, desc = attack_key(s, n, args.seed)
     n_chunks = math.ceil(n / chunk)
     entry = store["attacks"].get(key)
     if entry is not None and (args.redo or (not bool(entry["done"].all()) and entry["chunk"] != chunk)):
@@ -229,22 +263,27 @@ def run_attack(model, name, x, y, args, store, save):
                              f"again with --batch-size {entry['chunk']} to resume it, or with --redo to start over")
         entry = None
     if entry is None:
-        entry = dict(name=name, attack=desc, n_examples=n, seed=args.seed, chunk=chunk, seconds=0.0,
-                     correct=torch.zeros(n, dtype=torch.bool), done=torch.zeros(n_chunks, dtype=torch.bool))
+        entry = dict(name=s["name"], attack=desc, eps=s["eps"], norm=s["norm"], n_examples=n, seed=args.seed,
+                     chunk=chunk, seconds=0.0, correct=torch.zeros(n, dtype=torch.bool),
+                     done=torch.zeros(n_chunks, dtype=torch.bool), listed=listed, spec=dict(s))
+        if s["name"] != "square":
+            entry.update(first_images_of(store, entry))
         store["attacks"][key] = entry
+    entry["listed"] = entry.get("listed", True) or listed
     if bool(entry["done"].all()):
         return key, entry, False
     t0, done_before = time.time(), int(entry["done"].sum())
     for c in range(n_chunks):
         if entry["done"][c]:
             continue
-        s, e = c * chunk, min(n, (c + 1) * chunk)
+        st, e = c * chunk, min(n, (c + 1) * chunk)
         # the chunk's randomness is a function of (seed, attack, chunk): the same whether or not the run was resumed
-        torch.manual_seed(args.seed * 1_000_003 + zlib.crc32(name.encode()) + c)
+        torch.manual_seed(args.seed * 1_000_003 + zlib.crc32(s["name"].encode()) + c)
         t_chunk = time.time()
         parts = entry.setdefault("parts", {})  # AutoAttack's per-component progress in the unfinished chunk
-        entry["correct"][s:e] = chunk_correct(model, name, x[s:e], y[s:e], args, parts.setdefault(c, {}),
-                                              save).cpu()
+        entry["correct"][st:e] = chunk_correct(model, s, x[st:e], y[st:e], args, parts.setdefault(c, {}), save,
+                                               entry.setdefault("rates", {}),
+                                               None if attack_only is None else attack_only[st:e]).cpu()
         parts.pop(c, None)
         entry["done"][c] = True
         entry["seconds"] = round(entry["seconds"] + time.time() - t_chunk, 2)
@@ -261,47 +300,143 @@ def run_attack(model, name, x, y, args, store, save):
     return key, entry, True
 
 
-def worst_key(n):
-    return f"worst case | first {n} test images"
+def first_images_of(store, entry):
+    """The per-image result of the same attack on these first images, taken from a stored run on more images whose
+    chunks hold exactly these (chunk c's randomness depends on c only, so it is what a run here computes)."""
+    n, chunk = entry["n_examples"], entry["chunk"]
+    if n % chunk:
+        return {}
+    for e in store["attacks"].values():
+        if (e["attack"] == entry["attack"] and e["seed"] == entry["seed"] and e["chunk"] == chunk
+                and e["n_examples"] > n and bool(e["done"][:n // chunk].all())):
+            share = n / e["n_examples"]
+            return dict(correct=e["correct"][:n].clone(), done=torch.ones(n // chunk, dtype=torch.bool),
+                        seconds=round(e["seconds"] * share, 2), date=e.get("date") or utils.now(),
+                        taken_from=f"the first {n} of its {e['n_examples']} images")
+    return {}
 
 
-def summary(store, n):
-    """The JSON view of the complete stored attacks: {key: entry without per-image data}, plus the worst case over
-    every complete attack on the same first n images (when two or more attacks are stored for them)."""
-    results, worst, used = {}, torch.ones(n, dtype=torch.bool), []
+def worst_key(n, norm, eps):
+    return f"worst case ({norm}, eps {attacks.radius(eps, norm)}) | first {n} test images"
+
+
+def summary(store):
+    """The JSON view of the complete stored attacks that were asked for: {key: entry without per-image data}, plus,
+    for every set of first images and radius with two attacks or more asked for, the worst case over every attack
+    stored there (the checks' attacks included: an image counts as robust only if it survived them all)."""
+    results, groups = {}, {}
     for key, e in store["attacks"].items():
         if not bool(e["done"].all()):
             continue
         acc = round(100 * e["correct"].float().mean().item(), 4)
-        results[key] = dict(name=e["name"], attack=e["attack"], accuracy=acc, n_examples=e["n_examples"],
-                            seed=e["seed"], date=e.get("date"), seconds=e["seconds"])
-        if e["n_examples"] == n:
+        if e.get("listed", True):
+            results[key] = dict(name=e["name"], attack=e["attack"], accuracy=acc, n_examples=e["n_examples"],
+                                seed=e["seed"], date=e.get("date"), seconds=e["seconds"], eps=e.get("eps"),
+                                norm=e.get("norm"))
+        if e["name"] != "clean":
+            groups.setdefault((e["n_examples"], e.get("norm"), e.get("eps")), []).append(e)
+    for (n, norm, eps), used in groups.items():
+        if sum(e.get("listed", True) for e in used) < 2:
+            continue
+        used = [e for e in store["attacks"].values() if e["name"] == "clean" and e["n_examples"] == n
+                and bool(e["done"].all())] + used
+        worst = torch.ones(n, dtype=torch.bool)
+        for e in used:
             worst &= e["correct"]
-            used.append(e)
-    if sum(e["name"] != "clean" for e in used) >= 2:
-        names = ", ".join(e["attack"].split(" (")[0] + ("" if e["seed"] == used[0]["seed"] else f" seed {e['seed']}")
-                          for e in used)
-        results[worst_key(n)] = dict(
-            name="worst", attack=f"worst case over: {names} (per image)",
-            accuracy=round(100 * worst.float().mean().item(), 4), n_examples=n, seed=None, date=utils.now(),
-            seconds=0.0)
+        names = ", ".join(e["attack"].split(" (")[0] + ("" if e["seed"] == used[-1]["seed"] else f" seed {e['seed']}")
+                          + ("" if e.get("listed", True) else " [check]") for e in used)
+        key = worst_key(n, norm, eps) if eps is not None else f"worst case | first {n} test images"
+        results[key] = dict(name="worst", attack=f"worst case over: {names} (per image)",
+                            accuracy=round(100 * worst.float().mean().item(), 4), n_examples=n, seed=None,
+                            date=utils.now(), seconds=0.0, eps=eps, norm=norm)
     return results
+
+
+def run_checks(model, x, y, args, store, save, full):
+    """The curve's attacks on these images, and with full every check's, through run_attack: stored, resumed, and
+    shared with the same attacks asked for directly. Returns (curve record, checks record or None, lines)."""
+    n, rs = len(y), checks.radii(args.eps, args.norm)
+
+    def run(s, **kw):
+        return run_attack(model, s, x, y, args, store, save, listed=False, **kw)[1]
+    t0 = time.time()
+    clean = run(spec("clean", args))
+    r = dict(clean=clean["correct"], norm=args.norm, eps=args.eps, radii=rs, descs={})
+    if full:
+        e = run(spec("fgsm", args))
+        r["fgsm"], r["descs"]["fgsm"] = e["correct"], e["attack"]
+    for name in ("pgd", "cw"):
+        r["curve_" + name] = [clean["correct"]]
+        for radius in rs[1:]:
+            e = run(spec(name, args, eps=radius))
+            r["curve_" + name].append(e["correct"])
+            if radius == args.eps:
+                r[name], r["descs"][name] = e["correct"], e["attack"]
+    curve = dict(norm=args.norm, eps=args.eps, radii=rs, n_examples=n, seed=args.seed, date=utils.now(),
+                 pgd_attack=r["descs"]["pgd"], cw_attack=r["descs"]["cw"],
+                 pgd=[round(100 * t.float().mean().item(), 4) for t in r["curve_pgd"]],
+                 cw=[round(100 * t.float().mean().item(), 4) for t in r["curve_cw"]])
+    lines = [f"  robustness curve, first {n} test images: radius "
+             + "  ".join(checks.show_radius(v, args.eps, args.norm) for v in rs)]
+    lines += [f"    {curve[k + '_attack'].split(' (')[0]:<8} " + "  ".join(f"{a:.2f}" for a in curve[k]) + " %"
+              for k in ("pgd", "cw")]
+    if not full:
+        return curve, None, lines
+    r["unbounded_eps"] = checks.unbounded_radius(args.norm, x.shape[1:])
+    for role, s in (("unbounded", spec("pgd", args, eps=r["unbounded_eps"])),
+                    ("strong", spec("pgd", args, steps=args.pgd_steps * checks.STRONG_STEPS,
+                                    alpha=args.alpha / checks.STRONG_STEPS, restarts=checks.STRONG_RESTARTS))):
+        e = run(s)
+        r[role], r["descs"][role] = e["correct"], e["attack"]
+    r["whitebox"] = r["clean"] & r["fgsm"] & r["pgd"] & r["cw"] & r["strong"]
+    e = run(spec("square", args, queries=args.square_queries), attack_only=r["whitebox"])
+    r["square"], r["descs"]["square"] = e["correct"], e["attack"]
+    r["zero_ce"], r["zero_cw"] = checks.zero_gradients(model, x, y, args.batch_size)
+    r["passes"] = checks.repeat_passes(model, x, args.batch_size)
+    found = checks.verdicts(r, n)
+    warned = [v["check"] for v in found if v["status"] == "WARN"]
+    record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=utils.now(),
+                  seconds=round(time.time() - t0, 2), warned=warned, checks=found,
+                  attacks={d: round(100 * r[k].float().mean().item(), 4) for k, d in r["descs"].items()})
+    lines.append(f"  gradient-masking checks, first {n} test images ({args.norm}, eps {attacks.radius(args.eps, args.norm)}"
+                 f", seed {args.seed}):")
+    lines += [f"  {v['status']}  {i}. {v['check']}: {v['text']}" for i, v in enumerate(found, 1)]
+    lines.append("  " + ("all checks pass" if not warned else f"{len(warned)} of {len(found)} checks warn: the "
+                         f"numbers of gradient attacks on this model are not to be trusted as they stand"))
+    return curve, record, lines
+
+
+def picture_path(json_paths, kind, given):
+    """Where a picture of one or several checkpoints goes: --*-out; beside one checkpoint's results; for checkpoints
+    of one folder, in it; for several run folders, in the report folder beside them (where report.py writes)."""
+    if given:
+        return given
+    if len(json_paths) == 1:
+        return os.path.splitext(os.path.splitext(json_paths[0])[0])[0] + f".{kind}.png"
+    folders = sorted({os.path.dirname(p) for p in json_paths})
+    if len(folders) == 1:
+        return os.path.join(folders[0], f"{kind}.png")
+    folder = os.path.join(os.path.commonpath([os.path.dirname(f) for f in folders]), "report")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{kind}.png")
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    out, spectra, first_json = {}, [], None
+    out, spectra, curves, json_paths = {}, [], [], []
     args.checkpoints = [run_folder_checkpoint(p) for p in args.checkpoints]
-    # every results folder (and the picture's) must be writable before any work starts
+    # every results folder (and the pictures') must be writable before any work starts
     for path in args.checkpoints:
         utils.check_writable(os.path.dirname(result_files(path, args)[0]), "--results-dir")
-    if args.spectrum and args.spectrum_out:
-        utils.check_writable(os.path.dirname(os.path.abspath(args.spectrum_out)), "--spectrum-out")
+    for flag, given in (("--spectrum-out", args.spectrum and args.spectrum_out),
+                        ("--curve-out", (args.curve or args.checks) and args.curve_out)):
+        if given:
+            utils.check_writable(os.path.dirname(os.path.abspath(given)), flag)
     for path in args.checkpoints:
         model, info = load_model(path, args, device)
         json_path, store_path = result_files(path, args)
-        first_json = first_json or json_path
+        json_paths.append(json_path)
         fp = fingerprint(path)
         ds = data.load(info["dataset"], info["data_dir"], val_size=0, device=device)
         n = min(args.n_examples, len(ds["test_x"]))
@@ -316,20 +451,36 @@ def main(argv=None):
         def save():  # per-image results after every chunk, the JSON view after every attack; both atomic
             utils.save_checkpoint(store, store_path)
 
+        def write():  # results without per-image data (older files) stay; the stored attacks' are brought up to date
+            old = {k: v for k, v in record["results"].items() if v.get("name") != "worst"}
+            record["results"] = {**old, **summary(store)}
+            utils.write_json(record, json_path)
+
         ran = {}
         for name in args.attacks:
-            key, entry, computed = run_attack(model, name, x, y, args, store, save)
-            # entries without per-image data (older files) stay; the stored attacks' entries are brought up to date
-            record["results"] = {**record["results"], **summary(store, n)}
-            utils.write_json(record, json_path)
+            key, entry, computed = run_attack(model, spec(name, args), x, y, args, store, save)
+            write()
             r = record["results"][key]
             ran[name] = r
             when = "" if computed else f"   (stored {r['date']}; --redo runs it again)"
             print(f"  {r['attack']:<66} {r['accuracy']:6.2f} %  {r['seconds']:8.1f} s{when}", flush=True)
-        if args.attacks and worst_key(n) in record["results"]:
-            r = record["results"][worst_key(n)]
+        if args.attacks and worst_key(n, args.norm, args.eps) in record["results"]:
+            r = record["results"][worst_key(n, args.norm, args.eps)]
             ran["worst"] = r
             print(f"  {r['attack']}: {r['accuracy']:.2f} %")
+        if args.checks or args.curve:
+            m = min(args.checks_n, n)
+            curve, found, lines = run_checks(model, x[:m], y[:m], args, store, save, args.checks)
+            tag = f"({args.norm}, eps {attacks.radius(args.eps, args.norm)}) | first {m} test images | seed {args.seed}"
+            record.setdefault("curve", {})["curve " + tag] = curve
+            if found is not None:
+                record.setdefault("checks", {})["checks " + tag] = found
+            write()
+            print("\n".join(lines), flush=True)
+            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+            curves.append((label + (" (wa)" if args.weights == "wa" else ""), args.norm, curve["radii"],
+                           curve["pgd"], curve["cw"], args.eps, info.get("train_eps")))
+            ran.update(curve=curve, checks=found)
         pgd_name = attacks.describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)
         if args.lowpass:
             torch.manual_seed(args.seed)
@@ -347,23 +498,28 @@ def main(argv=None):
             utils.write_json(record, json_path)
         if args.spectrum:
             torch.manual_seed(args.seed)
-            spec, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
-                                                        args.batch_size)
+            spec_map, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
+                                                            args.batch_size)
             print("  perturbation spectrum, radial profile (low to high frequency): "
                   + " ".join(f"{v:.3g}" for v in prof.tolist()))
             key = f"{pgd_name} | first {n} test images | seed {args.seed}"
             record.setdefault("spectrum", {})[key] = dict(
                 attack=pgd_name, n_examples=n, seed=args.seed, date=utils.now(),
-                amplitude=utils.tidy(spec.tolist(), 5), radial_profile=utils.tidy(prof.tolist(), 5))
+                amplitude=utils.tidy(spec_map.tolist(), 5), radial_profile=utils.tidy(prof.tolist(), 5))
             utils.write_json(record, json_path)
             label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-            spectra.append((label + (" (wa)" if args.weights == "wa" else ""), spec, prof))
+            spectra.append((label + (" (wa)" if args.weights == "wa" else ""), spec_map, prof))
         print(f"  results: {json_path}")
         out[path] = dict(record, ran=ran)
     if spectra:
-        png = args.spectrum_out or os.path.splitext(os.path.splitext(first_json)[0])[0] + ".spectrum.png"
+        png = picture_path(json_paths, "spectrum", args.spectrum_out)
         spectral.plot_spectra(spectra, png)
         print(f"perturbation spectra: {png}")
+    if curves:
+        png = picture_path(json_paths, "curve", args.curve_out)
+        checks.plot_curves(curves, png, names=(attacks.describe("pgd", 1, args.pgd_steps, 1).split(" (")[0],
+                                               attacks.describe("cw", 1, args.cw_steps, 1).split(" (")[0]))
+        print(f"robustness curve: {png}")
     return out
 
 

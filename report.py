@@ -6,7 +6,8 @@
 Table: one row per run and checkpoint (best.pt, last.pt, wa_best.pt, and last.pt's weight average when it was
 evaluated): method, network, data set, epochs trained, the epoch the checkpoint holds, its validation clean and PGD
 accuracy, and every eval.py result found beside it (NAME.eval.json): clean, FGSM, PGD, CW, AutoAttack and the
-per-image worst case. A row shows its attacks on the same images where it can: the largest number of first test
+per-image worst case, and eval.py --checks' verdict (all pass / which checks warned). A row shows its attacks at one
+radius (the training radius where they were run at it, else the radius with the most results). A row shows its attacks on the same images where it can: the largest number of first test
 images every attack of the row was run on (then the newest result), so the worst case covers them all; a cell on
 other images says so ("other images: first N"). Each attack's settings and number of images are given below the table (numbered
 where the rows differ); the CSV carries them in every row. Missing cells stay empty.
@@ -22,6 +23,7 @@ import io
 import json
 import os
 
+import checks
 import utils
 
 CHECKPOINTS = (("best.pt", "model", "best"), ("last.pt", "model", "last"), ("wa_best.pt", "model", "wa best"),
@@ -40,12 +42,28 @@ def get_args(argv=None):
     return args
 
 
-def pick_row(results):
-    """One stored result per attack column, all on the same images where they can be: the largest number of first
-    test images on which every attack of the row was run (then the newest); the worst case is then the one over
-    those images. An attack without a result on that set shows its result on the most images, and its cell says on
-    how many (with no set common to all, the largest set is the row's). Returns ({column: result or None}, the
-    row's number of images or None)."""
+def radius_of(results, train_eps=None):
+    """The radius (norm, eps) a row shows: the training radius where an attack was evaluated at it, else the radius
+    with the most results (then the newest). Results written before radii were stored form their own group."""
+    radii = {}
+    for r in results.values():
+        if r.get("name") not in (None, "clean"):
+            radii.setdefault((r.get("norm"), r.get("eps")), []).append(r)
+    for norm, eps in radii:
+        if train_eps and norm == "Linf" and eps is not None and abs(eps - train_eps) < 1e-9:
+            return norm, eps
+    return max(radii, key=lambda k: (len(radii[k]), max(r.get("date") or "" for r in radii[k])), default=None)
+
+
+def pick_row(results, train_eps=None):
+    """One stored result per attack column, at one radius (radius_of) and all on the same images where they can
+    be: the largest number of first test images on which every attack of the row was run (then the newest); the
+    worst case is then the one over those images. An attack without a result on that set shows its result on the
+    most images, and its cell says on how many (with no set common to all, the largest set is the row's). Returns
+    ({column: result or None}, the row's number of images or None)."""
+    radius = radius_of(results, train_eps)
+    results = {k: r for k, r in results.items()
+               if r.get("name") == "clean" or (r.get("norm"), r.get("eps")) == radius}
     attacks_run = {r["name"] for r in results.values() if r.get("name") not in (None, "worst")}
     sizes = {r["n_examples"] for r in results.values()}
     shared = [k for k in sizes if all(any(r.get("name") == a and r["n_examples"] == k for r in results.values())
@@ -59,6 +77,19 @@ def pick_row(results):
     return row, n_row
 
 
+def pick_checks(found, radius):
+    """The newest eval.py --checks record at the row's radius (then on the most images), or None."""
+    at = [c for c in found.values() if radius is None or (c["norm"], c["eps"]) == radius]
+    return max(at, key=lambda c: (c["date"], c["n_examples"])) if at else None
+
+
+def checks_cell(c):
+    if c is None:
+        return ""
+    warned = [str(i) for i, v in enumerate(c["checks"], 1) if v["status"] == "WARN"]
+    return (f"WARN {', '.join(warned)}" if warned else f"all {len(c['checks'])} pass") + f" ({c['n_examples']} images)"
+
+
 def rows_of(run, log):
     """One row per checkpoint of the run that exists (each file read once), and the run's lr milestones."""
     rows, cks = [], {}
@@ -67,10 +98,11 @@ def rows_of(run, log):
         if not os.path.exists(path):
             continue
         stem = os.path.splitext(path)[0] + (".wa" if weights == "wa" else "")
-        results = {}
+        results, found = {}, {}
         if os.path.exists(stem + ".eval.json"):
             with open(stem + ".eval.json") as f:
-                results = json.load(f).get("results", {})
+                record = json.load(f)
+            results, found = record.get("results", {}), record.get("checks", {})
         if weights == "wa" and not results:
             continue  # last.pt's average appears only when it was evaluated
         if fname not in cks:
@@ -85,8 +117,9 @@ def rows_of(run, log):
                    network=ck["arch"], dataset=ck["dataset"], epochs=f"{len(log)}/{a['epochs']}", epoch=ck["epoch"],
                    val_clean=m.get(prefix + "val_clean"), val_pgd=m.get(prefix + "val_pgd"),
                    val_attack=f"PGD-{a.get('val_steps', a.get('steps'))}" if a.get("eps", 1) > 0 else "")
-        picked, row["n_row"] = pick_row(results)
+        picked, row["n_row"] = pick_row(results, a.get("eps"))
         row.update(picked)
+        row["checks"] = pick_checks(found, radius_of(results, a.get("eps")))
         rows.append(row)
     last = cks.get("last.pt") or (utils.load_checkpoint(os.path.join(run, "last.pt"), mmap=True)
                                   if os.path.exists(os.path.join(run, "last.pt")) else {})
@@ -110,7 +143,7 @@ def table(rows):
                 notes[(name, s)] = f"{name}{i}"
                 legend.append(f"- [{name}{i}] {title}: {s[0]}, first {s[1]} test images")
     head = ["run", "checkpoint", "method", "network", "data set", "epochs", "epoch", "val clean", "val PGD"]
-    head += [title for _, title in ATTACK_COLUMNS]
+    head += [title for _, title in ATTACK_COLUMNS] + ["checks"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["run"], r["checkpoint"], r["method"], r["network"], r["dataset"], r["epochs"], str(r["epoch"]),
@@ -121,13 +154,18 @@ def table(rows):
             other = res is not None and r["n_row"] is not None and res["n_examples"] != r["n_row"]
             cells.append("" if res is None else fmt(res["accuracy"]) + (f" [{note}]" if note else "")
                          + (f" (other images: first {res['n_examples']})" if other else ""))
+        cells.append(checks_cell(r.get("checks")))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("checks") for r in rows):
+        legend.append("- checks: eval.py --checks, the gradient-masking checks at the row's radius; a WARN names "
+                      "them by number: " + ", ".join(f"{i} {n}" for i, n in enumerate(checks.NAMES, 1)))
     md = "\n".join(lines) + "\n\nAccuracy in %. Attack settings:\n" + "\n".join(legend) + "\n"
     buf = io.StringIO()
     fields = ["run", "checkpoint", "method", "network", "dataset", "epochs", "epoch", "val_clean", "val_pgd",
               "val_attack"]
     for name, _ in ATTACK_COLUMNS:
         fields += [name, f"{name}_attack", f"{name}_n"]
+    fields += ["checks", "checks_n"]
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
@@ -136,6 +174,8 @@ def table(rows):
             res = r[name]
             out.update({name: res["accuracy"] if res else "", f"{name}_attack": res["attack"] if res else "",
                         f"{name}_n": res["n_examples"] if res else ""})
+        c = r.get("checks")
+        out.update(checks="" if c is None else checks_cell(c).split(" (")[0], checks_n=c["n_examples"] if c else "")
         w.writerow(out)
     return md, buf.getvalue()
 

@@ -684,26 +684,253 @@ def test_natural_training_says_so_and_runs_no_attack(cifar, tmp_path, monkeypatc
     assert res[str(tmp_path / "at" / "best.pt")]["method"] == "natural"  # not "at": it saw no attack
 
 
-@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"no Fashion-MNIST files in {FMNIST} "
-                    "(apt-get install dataset-fashion-mnist)")
-def test_adversarial_training_buys_robustness_on_real_images(tmp_path, capsys):
-    """Real Fashion-MNIST images, the small CNN: natural training and PGD-AT (eps 0.1) on a few thousand images,
-    then eval.py. What adversarial training is for: the AT model keeps far more of its accuracy under PGD-20."""
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"no Fashion-MNIST files in {FMNIST} "
+                                  "(apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="module")
+def fmnist_runs(tmp_path_factory):
+    """Real Fashion-MNIST images, the small CNN: natural training and PGD-AT (eps 0.1) on a few thousand images."""
+    root = tmp_path_factory.mktemp("fmnist")
     common = ["--dataset", "fashion_mnist", "--data-dir", FMNIST, "--arch", "cnn", "--epochs", "2",
               "--milestones", "1", "--val-size", "500", "--device", DEV]
-    at.main(common + ["--eps", "0", "--max-batches", "40", "--out", str(tmp_path / "natural")])  # 10,240 images
+    at.main(common + ["--eps", "0", "--max-batches", "40", "--out", str(root / "natural")])  # 10,240 images
     at.main(common + ["--eps", "0.1", "--alpha", "0.025", "--steps", "5", "--max-batches", "20",
-                      "--out", str(tmp_path / "at")])  # 5,120 images
-    res = ev([str(tmp_path / "natural" / "last.pt"), str(tmp_path / "at" / "last.pt"), "--attacks", "clean",
-              "pgd", "--eps", "0.1", "--n-examples", "500"])
-    nat = res[str(tmp_path / "natural" / "last.pt")]["ran"]
-    adv = res[str(tmp_path / "at" / "last.pt")]["ran"]
+                      "--out", str(root / "at")])  # 5,120 images
+    return root
+
+
+@needs_fmnist
+def test_adversarial_training_buys_robustness_on_real_images(fmnist_runs, capsys):
+    """What adversarial training is for: the AT model keeps far more of its accuracy under PGD-20."""
+    nat_ck, at_ck = str(fmnist_runs / "natural" / "last.pt"), str(fmnist_runs / "at" / "last.pt")
+    res = ev([nat_ck, at_ck, "--attacks", "clean", "pgd", "--eps", "0.1", "--n-examples", "500"])
+    nat, adv = res[nat_ck]["ran"], res[at_ck]["ran"]
     print(f"natural: clean {nat['clean']['accuracy']:.1f} %, PGD-20 {nat['pgd']['accuracy']:.1f} %; "
           f"AT: clean {adv['clean']['accuracy']:.1f} %, PGD-20 {adv['pgd']['accuracy']:.1f} %", file=sys.stderr)
     assert nat["pgd"]["attack"] == "PGD-20 (Linf, eps 0.1, step 0.025, random start, 1 restart)"
     assert nat["clean"]["accuracy"] > 40 and adv["clean"]["accuracy"] > 40  # chance is 10 %
     assert nat["pgd"]["accuracy"] < 12  # a naturally trained model is not robust
     assert adv["pgd"]["accuracy"] > nat["pgd"]["accuracy"] + 20 and adv["pgd"]["accuracy"] > 25
+
+
+class Saturated(nn.Module):
+    """Gradient masking by a saturated softmax: the logits times 10^4. The CE gradient is exactly zero in fp32
+    wherever the model is confident; the margin's is not."""
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x) * 1e4
+
+
+class Quantised(nn.Module):
+    """Gradient masking by a non-differentiable input stage: pixels rounded to 9 levels, the input gradient is zero
+    everywhere, yet a perturbation of 0.1 moves pixels across levels."""
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(torch.round(x * 8) / 8)
+
+
+class Noisy(nn.Module):
+    """A randomised model: Gaussian noise (sigma 0.1) on the input at every pass."""
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x + 0.1 * torch.randn_like(x))
+
+
+@needs_fmnist
+def test_checks_warn_on_masked_models_and_pass_honest_ones(fmnist_runs, tmp_path, monkeypatch, capsys):
+    """eval.py --checks on the honest natural and PGD-AT models (every check passes) and on three deliberately
+    masked versions of the natural model, each of which must raise the WARNs of its kind of masking, and not the
+    others'."""
+    import report
+    flags = ["--eps", "0.1", "--attacks", "clean", "pgd", "--n-examples", "200", "--checks", "--square-queries", "500",
+             "--pgd-steps", "10", "--cw-steps", "10"]
+    nat_ck, at_ck = str(fmnist_runs / "natural" / "best.pt"), str(fmnist_runs / "at" / "best.pt")
+    res = ev([nat_ck, at_ck] + flags)
+    out = capsys.readouterr().out
+    for ck in (nat_ck, at_ck):
+        assert res[ck]["ran"]["checks"]["warned"] == [], out
+    assert out.count("all checks pass") == 2 and "PASS  6. white box vs black box" in out
+    # the curve: one picture for both runs, in the report folder beside them; its numbers in the JSON
+    png = fmnist_runs / "report" / "curve.png"
+    assert f"robustness curve: {png}" in out and png.stat().st_size > 10000
+    curve = res[at_ck]["ran"]["curve"]
+    assert curve["radii"] == pytest.approx([0, 0.025, 0.05, 0.1, 0.2, 0.4])
+    assert curve["pgd"][3] == res[at_ck]["ran"]["pgd"]["accuracy"]  # the curve at eps is eval.py's own PGD
+    assert curve["pgd"][0] == curve["cw"][0] == res[at_ck]["ran"]["clean"]["accuracy"]
+    assert curve["pgd"][1] > curve["pgd"][3] > curve["pgd"][5]
+    rows = report.main([str(fmnist_runs / "natural"), str(fmnist_runs / "at"), "--out", str(tmp_path / "rep")])
+    assert [r["checks"]["warned"] for r in rows if r["checkpoint"] == "best"] == [[], []]
+    assert "all 8 pass (200 images)" in (tmp_path / "rep" / "report.md").read_text()
+    # the masked models (eval.py's loader wraps the natural model)
+    real = evaluate.load_model
+    expect = {Saturated: ({"margin vs cross-entropy", "unbounded attack", "gradients"}, {"determinism"}),
+              Quantised: ({"unbounded attack", "white box vs black box", "gradients"},
+                          {"margin vs cross-entropy", "determinism"}),
+              Noisy: ({"determinism"}, {"gradients", "unbounded attack"})}
+    for wrapper, (must, must_not) in expect.items():
+        monkeypatch.setattr(evaluate, "load_model", lambda *a: (wrapper(real(*a)[0]).eval(), real(*a)[1]))
+        got = ev([nat_ck, "--results-dir", str(tmp_path / wrapper.__name__)] + flags)[nat_ck]["ran"]["checks"]
+        out = capsys.readouterr().out
+        print(wrapper.__name__, got["warned"], file=sys.stderr)
+        assert must <= set(got["warned"]) and not must_not & set(got["warned"]), out
+        for v in got["checks"]:  # every WARN says what to do
+            assert v["status"] == "PASS" or ": " in v["text"].split(" %")[-1] or "EOT" in v["text"]
+
+
+def honest_flags(n=100):
+    """Per-image results of a model every check passes: 50 of 100 images robust to every attack at eps."""
+    first = lambda k: torch.arange(n) < k  # noqa: E731
+    pgd = first(50)
+    return dict(clean=first(n), pgd=pgd, cw=pgd.clone(), fgsm=first(60), strong=pgd.clone(), unbounded=first(0),
+                whitebox=pgd.clone(), square=pgd.clone(), zero_ce=first(0), zero_cw=first(0),
+                curve_pgd=[first(n), first(80), first(60), pgd, first(20), first(0)],
+                curve_cw=[first(n), first(80), first(60), pgd, first(20), first(0)], passes=(0.0, 10.0, 0),
+                norm="Linf", eps=0.1, unbounded_eps=0.5, radii=[0, 0.025, 0.05, 0.1, 0.2, 0.4],
+                descs={k: k.upper() + " (settings)" for k in ("pgd", "cw", "fgsm", "strong", "unbounded", "square")})
+
+
+def test_check_thresholds_follow_the_stated_rule():
+    """A gap g (points) between two results on n images WARNs only when g > the check's margin and g > 2 * 100 *
+    sqrt(d) / n, d the images the two disagree on. Worked by hand at n = 100 (2 SE = 2 sqrt(d)), and against the
+    rule computed image by image on random results."""
+    import checks
+    first = lambda k: torch.arange(100) < k  # noqa: E731
+
+    def warned(**change):
+        return {v["check"] for v in checks.verdicts({**honest_flags(), **change}, 100) if v["status"] == "WARN"}
+    assert warned() == set()
+    assert warned(cw=first(44)) == {"margin vs cross-entropy"}  # g 6 > 5, d 6: 2 SE 4.9
+    assert warned(cw=first(45)) == set()  # g 5: not above the margin
+    assert warned(cw=first(42) | (torch.arange(100) // 2 == 25)) == set()  # g 6, d 10: 2 SE 6.3
+    assert warned(strong=first(45)) == {"convergence"}  # g 5 > 2, d 5: 2 SE 4.5
+    assert warned(strong=first(46)) == set()  # g 4, d 4: 2 SE 4.0, not above it
+    assert warned(fgsm=first(45)) == {"one step vs many"}  # FGSM 5 points below PGD, 2 SE 4.5
+    assert warned(fgsm=first(50)) == set()
+    assert warned(unbounded=first(5)) == {"unbounded attack"} and warned(unbounded=first(4)) == set()
+    assert warned(square=first(45)) == {"white box vs black box"} and warned(square=first(46)) == set()
+    assert warned(zero_ce=first(5)) == {"gradients"} and warned(zero_cw=first(4)) == set()
+    rise = [first(100), first(80), first(60), first(50), first(56), first(0)]  # 6 points up from eps to 2 eps
+    assert warned(curve_cw=rise) == {"monotone in the radius"}
+    assert warned(curve_pgd=rise[:4] + [first(54), first(0)]) == set()  # 4 points, d 4
+    assert warned(passes=(1e-3, 10.0, 0)) == set()  # within 1e-4 * (1 + largest |logit|)
+    assert warned(passes=(2e-3, 10.0, 0)) == {"determinism"} and warned(passes=(0.0, 10.0, 1)) == {"determinism"}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):  # random paired results against the rule, image by image
+        n = int(torch.randint(20, 300, (1,), generator=g))
+        p = (torch.rand(n, generator=g) < 0.6).tolist()
+        c = [a if torch.rand(1, generator=g) < 0.9 else not a for a in p]
+        base = honest_flags(n)
+        got = checks.verdicts({**base, "pgd": torch.tensor(p), "cw": torch.tensor(c)}, n)[0]
+        gap = 100 * (sum(p) - sum(c)) / n
+        d = sum(a != b for a, b in zip(p, c))
+        assert (got["status"] == "WARN") == (gap > 5 and gap > 2 * 100 * d ** 0.5 / n)
+        assert got["numbers"]["disagree"] == d and abs(got["gap"] - gap) < 1e-3
+
+
+def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, capsys):
+    """Every number of eval.py --checks is the stored result of an attack on the same images, recomputed here
+    slowly: each PGD / CW restart on all images from the chunk's own seed, Square on the images every white-box
+    attack left robust, the zero gradients image by image, two passes; a second run computes nothing, and a run
+    killed in Square continues there."""
+    import zlib
+    import checks
+    run = tmp_path / "run"
+    at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "1", "--batch-size", "64", "--max-batches", "20",
+             "--val-size", "50", "--eps", "0", "--out", str(run), "--device", DEV])  # 2/3 right, 1/2 robust at 2/255
+    ck = str(run / "best.pt")
+    flags = ["--eps", "2/255", "--n-examples", "48", "--batch-size", "12", "--checks-n", "24", "--checks",
+             "--square-queries", "40", "--pgd-steps", "3", "--cw-steps", "3"]
+    got = ev([ck, "--attacks", "clean", "pgd"] + flags)[ck]["ran"]
+    store = torch.load(run / "best.eval.pt", weights_only=True)["attacks"]
+    model, _ = evaluate.load_model(ck, evaluate.get_args([ck]), torch.device(DEV))
+    ds = data.load("synthetic", "data", val_size=0, device=torch.device(DEV))
+    x, y = ds["test_x"][:24].float() / 255, ds["test_y"][:24]
+    by_desc = {e["attack"]: e for k, e in store.items() if e["n_examples"] == 24}
+    # PGD-3 at eps on the first 24 images was taken from the run on 48 (its first two chunks), not run again
+    pgd_desc = attacks.describe("pgd", 2 / 255, 3, 0.5 / 255)
+    assert by_desc[pgd_desc]["taken_from"] == "the first 24 of its 48 images"
+    slow = {}
+    for desc, e in by_desc.items():
+        s = e["spec"]
+        if s["name"] not in ("pgd", "cw", "fgsm"):
+            continue
+        ok = []
+        for c in range(2):
+            torch.manual_seed(zlib.crc32(s["name"].encode()) + c)
+            xb, yb = x[12 * c:12 * c + 12], y[12 * c:12 * c + 12]
+            hit = torch.ones(12, dtype=torch.bool, device=yb.device)
+            with attacks.frozen(model):
+                for _ in range(s["restarts"] if s["name"] != "fgsm" else 1):
+                    if s["name"] == "fgsm":
+                        adv = attacks.fgsm(model, xb, yb, s["eps"])
+                    else:
+                        u = torch.rand(xb.shape, device=xb.device)
+                        adv = attacks.pgd(model, xb, yb, s["eps"], s["alpha"], s["steps"], loss=s["name"].replace(
+                            "pgd", "ce"), noise=u)
+                    with torch.no_grad():
+                        hit &= model(adv).argmax(1) == yb
+            ok.append(hit.cpu())
+        slow[desc] = torch.cat(ok)
+        assert torch.equal(slow[desc], e["correct"]), desc
+    strong = [d for d in slow if "5 restarts" in d]
+    assert strong == [attacks.describe("pgd", 2 / 255, 15, 0.1 / 255, restarts=5)]
+    verdict = {v["check"]: v for v in got["checks"]["checks"]}
+    acc = lambda t: 100 * t.float().mean().item()  # noqa: E731
+    assert verdict["convergence"]["numbers"]["strong"] == pytest.approx(acc(slow[strong[0]]))
+    assert verdict["margin vs cross-entropy"]["numbers"]["cw"] == pytest.approx(
+        acc(slow[attacks.describe("cw", 2 / 255, 3, 0.5 / 255)]))
+    assert verdict["unbounded attack"]["numbers"]["unbounded"] == pytest.approx(
+        acc(slow[attacks.describe("pgd", 0.5, 3, 0.125)]))
+    assert verdict["monotone in the radius"]["numbers"]["pgd"] == pytest.approx(got["curve"]["pgd"], abs=1e-3)
+    # Square: on the images every white-box attack at eps left robust, chunk by chunk with AutoAttack's seed
+    clean = store["clean | first 24 test images"]["correct"]
+    wb = clean & torch.stack([t for d, t in slow.items() if "eps 2/255" in d]).all(0)
+    broken = 0
+    for c in range(2):
+        idx = wb[12 * c:12 * c + 12].nonzero()[:, 0] + 12 * c
+        if len(idx):
+            broken += int((~attacks.square(model, x[idx.to(x.device)], y[idx.to(x.device)], 2 / 255, "Linf", 40,
+                                           0).cpu()).sum())
+    assert verdict["white box vs black box"]["numbers"] == dict(whitebox_robust=int(wb.sum()), broken=broken)
+    # zero input gradients, image by image
+    zero = {"ce": 0, "cw": 0}
+    for i in range(24):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        z = model(xi)
+        for name, loss in (("ce", F.cross_entropy(z, y[i:i + 1])), ("cw", attacks.cw_loss(z, y[i:i + 1]).sum())):
+            zero[name] += int(torch.autograd.grad(loss, xi, retain_graph=True)[0].abs().max() == 0)
+    assert verdict["gradients"]["numbers"] == dict(zero_ce=zero["ce"], zero_cw=zero["cw"])
+    assert verdict["determinism"]["numbers"]["changed"] == 0
+    # stored in the JSON under their own keys; a second run attacks nothing and says the same
+    record = json.load(open(run / "best.eval.json"))
+    assert list(record["checks"]) == ["checks (Linf, eps 2/255) | first 24 test images | seed 0"]
+    assert list(record["curve"]) == ["curve (Linf, eps 2/255) | first 24 test images | seed 0"]
+    assert record["checks"]["checks (Linf, eps 2/255) | first 24 test images | seed 0"]["warned"] == got["checks"]["warned"]
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: pytest.fail("attacked again"))
+    monkeypatch.setattr(attacks, "square", lambda *a, **k: pytest.fail("attacked again"))
+    again = ev([ck, "--attacks"] + flags)[ck]["ran"]["checks"]
+    assert [v["status"] for v in again["checks"]] == [v["status"] for v in got["checks"]["checks"]]
+    assert [v["numbers"] for v in again["checks"][:7]] == [v["numbers"] for v in got["checks"]["checks"][:7]]
+    # killed inside Square: the rerun attacks only with Square, and ends with the uninterrupted run's numbers
+    monkeypatch.undo()
+    monkeypatch.setattr(attacks, "square", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ev([ck, "--attacks", "--results-dir", str(tmp_path / "killed")] + flags)
+    monkeypatch.undo()
+    real_pgd, calls = attacks.pgd, []
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(1) or real_pgd(*a, **k))
+    resumed = ev([ck, "--attacks", "--results-dir", str(tmp_path / "killed")] + flags)[ck]["ran"]["checks"]
+    assert calls == [] and [v["numbers"] for v in resumed["checks"][:7]] == [v["numbers"] for v in got["checks"]["checks"][:7]]
 
 
 # ---------------------------------------------------------------- nothing lost, nothing mislabelled
@@ -726,11 +953,11 @@ def test_eval_keeps_results_resumes_after_a_kill_and_never_mixes_checkpoints(tmp
     real_chunk = evaluate.chunk_correct
 
     def recording_chunk(states):  # the random state each chunk starts from, by (attack, chunk)
-        def chunk(model, name, xb, yb, args, *rest):
+        def chunk(model, s, xb, yb, args, *rest):
             rng = torch.get_rng_state().numpy().tobytes() + (torch.cuda.get_rng_state().numpy().tobytes()
                                                              if ON_CUDA else b"")
-            states[(name, round(xb.float().sum().item()))] = hashlib.md5(rng).hexdigest()
-            return real_chunk(model, name, xb, yb, args, *rest)
+            states[(s["name"], round(xb.float().sum().item()))] = hashlib.md5(rng).hexdigest()
+            return real_chunk(model, s, xb, yb, args, *rest)
         return chunk
     monkeypatch.setattr(evaluate, "chunk_correct", recording_chunk(ref_states))
     cmd = [ck, "--attacks", "clean", "fgsm", "pgd", "cw", "--n-examples", "48", "--batch-size", "12",
@@ -931,6 +1158,39 @@ def test_spectrum_picture_is_labelled(monkeypatch, tmp_path):
     assert os.path.getsize(tmp_path / "s.png") > 1000
 
 
+def test_curve_picture_is_labelled_and_placed_where_a_comparison_belongs(monkeypatch, tmp_path):
+    import checks
+    import matplotlib.figure
+    figs = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
+    rs = checks.radii(8 / 255)
+    checks.plot_curves([("at/best.pt", "Linf", rs, [80, 70, 60, 50, 20, 1], [80, 69, 58, 48, 18, 0], 8 / 255, 8 / 255),
+                        ("natural/best.pt", "Linf", rs, [90, 40, 10, 1, 0, 0], [90, 39, 9, 0, 0, 0], 8 / 255, 0)],
+                       str(tmp_path / "c.png"), names=("PGD-20", "CW-30"))
+    (fig,) = figs
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "attack radius (Linf, pixel values in [0, 1])"
+    assert ax.get_ylabel() == "accuracy under attack (%)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2/255", "4/255", "8/255", "16/255", "32/255"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["at/best.pt (trained at 8/255)", "natural/best.pt (trained without an attack)",
+                      "PGD-20 (cross-entropy)", "CW-30 (margin)", "training radius"]
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [8 / 255]  # one marker
+    assert os.path.getsize(tmp_path / "c.png") > 1000
+    # where eval.py puts a picture: beside one checkpoint's results; in the folder of several; else in the report
+    # folder beside the runs (report.py's); --curve-out / --spectrum-out wins
+    runs = tmp_path / "runs"
+    assert evaluate.picture_path([str(runs / "a" / "best.eval.json")], "curve", None) == str(runs / "a" / "best.curve.png")
+    assert evaluate.picture_path([str(runs / "a" / "best.eval.json"), str(runs / "a" / "last.eval.json")], "curve",
+                                 None) == str(runs / "a" / "curve.png")
+    assert evaluate.picture_path([str(runs / "a" / "best.eval.json"), str(runs / "b" / "best.eval.json")],
+                                 "spectrum", None) == str(runs / "report" / "spectrum.png")
+    assert os.path.isdir(runs / "report")
+    assert evaluate.picture_path([str(runs / "a" / "x.json")], "curve", "elsewhere.png") == "elsewhere.png"
+
+
 def test_readme_explains_itself():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
     assert "../shared" not in readme and "METHODS.md" not in readme
@@ -1027,7 +1287,9 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
                          (["--n-examples", "-5"], r"--n-examples -5"),
                          (["--batch-size", "0"], r"--batch-size 0"), (["--eps", "8"], r"--eps 8: L-inf radii"),
                          (["--pgd-steps", "0"], r"--pgd-steps"), (["--restarts", "0"], r"--restarts 0"),
-                         (["--attacks"], r"nothing to do")):
+                         (["--attacks"], r"nothing to do"), (["--checks-n", "0"], r"--checks-n 0: check at least 1"),
+                         (["--checks", "--square-queries", "0"], r"--square-queries 0"),
+                         (["--curve", "--curve-out", "/proc/x/c.png"], r"--curve-out")):
         one_line_error(evaluate.main, str(run / "last.pt"), *flags, match=match)
     # a checkpoint of another architecture
     torch.save(models.get_model("resnet18", 10).state_dict(), tmp_path / "r18.pt")
@@ -1985,3 +2247,10 @@ def test_report_puts_a_row_on_the_same_images():
     md, _ = report.table([dict(run="r", checkpoint="best", method="at", network="cnn", dataset="cifar10",
                                epochs="1/1", epoch=1, val_clean=None, val_pgd=None, val_attack="", n_row=n, **row)])
     assert "40.00 (other images: first 100)" in md and "50.00 |" in md
+    # attacks at two radii: the row shows one, the training radius where it was evaluated, else the most results
+    res = {**r("clean", 100, 80.0), **{k: dict(v, eps=8 / 255, norm="Linf") for k, v in r("pgd", 100, 50.0).items()},
+           **{k: dict(v, eps=4 / 255, norm="Linf") for k, v in {**r("pgd", 100, 60.0, "2026-02-01"),
+                                                                  **r("cw", 100, 59.0)}.items()}}
+    assert report.pick_row(res, train_eps=8 / 255)[0]["pgd"]["accuracy"] == 50.0
+    row, _ = report.pick_row(res, train_eps=0)
+    assert row["pgd"]["accuracy"] == 60.0 and row["cw"]["accuracy"] == 59.0 and row["clean"]["accuracy"] == 80.0
