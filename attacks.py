@@ -142,8 +142,9 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
                 if save is not None:
                     save()
                 rest = adversary.attacks_to_run[adversary.attacks_to_run.index(attack) + 1:]
-                left = (f"~{sum(rates[a] for a in rest) * int(robust.sum()):.0f} s left in these {len(y)} images"
-                        if all(a in rates for a in rest) else "time left known after the first images")
+                known = not robust.any() or all(a in rates for a in rest)
+                left = (f"~{sum(rates.get(a, 0) for a in rest) * int(robust.sum()):.0f} s left in these {len(y)} "
+                        f"images" if known else "time left known after the first images")
                 say(f"  AutoAttack {attack}: {int(robust.sum())}/{len(y)} images still robust, "
                     f"{time.time() - t0:.0f} s" + (f", {left}" if rest else ""))
     finally:
@@ -189,14 +190,12 @@ def _aa_component(adversary, attack, x, y):
 
 
 def radius(v, norm="Linf", digits=4):
-    """An L-inf radius or step as the user would write it: 8/255 for multiples of 1/255 in (0, 1] (-8/255 too;
-    0.5/255 for quarters of 1/255),
+    """An L-inf radius or step as the user would write it: 8/255 for multiples of 1/255 in (0, 1] (-8/255 too; 0.2
+    stays 0.2),
     anything else (0.1, 0.031, 8, L2 radii) as a number with `digits` significant digits."""
     k = v * 255
-    if norm == "Linf" and 0 < abs(v) <= 1 and abs(k - round(k)) < 1e-6:
+    if norm == "Linf" and 0 < abs(v) <= 1 and abs(k - round(k)) < 1e-6 and round(v, 3) != v:  # 0.2, not 51/255
         return f"{round(k)}/255"
-    if norm == "Linf" and 0 < abs(v) <= 1 and abs(4 * k - round(4 * k)) < 1e-6:  # eps/4 and eps/2 of such radii
-        return f"{round(4 * k) / 4:g}/255"
     return f"{v:.{digits}g}"
 
 

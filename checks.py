@@ -115,25 +115,20 @@ def verdicts(r, n):
     def acc(t):
         return 100 * t.float().mean().item()
 
-    gap, dis = paired(r["pgd"], r["cw"])
-    warn, se2 = gap_test(gap, dis, n, MARGINS["margin vs cross-entropy"])
-    add("margin vs cross-entropy", warn, gap, se2,
-        f"{d['cw']} {acc(r['cw']):.2f} % vs {d['pgd']} {acc(r['pgd']):.2f} %: CW lower by {gap:.2f} points",
-        "CE gradients vanish (a saturated softmax?); report CW / AutoAttack, not PGD-CE",
-        pgd=acc(r["pgd"]), cw=acc(r["cw"]), disagree=dis)
-    gap, dis = paired(r["pgd"], r["strong"])
-    warn, se2 = gap_test(gap, dis, n, MARGINS["convergence"])
-    add("convergence", warn, gap, se2,
-        f"{d['strong']} {acc(r['strong']):.2f} % vs {d['pgd']} {acc(r['pgd']):.2f} %: lower by {gap:.2f} points",
-        f"{d['pgd'].split(' (')[0]} had not converged: it overstates robustness by {gap:.2f} points; report a stronger attack "
-        "(more steps and restarts, AutoAttack)", pgd=acc(r["pgd"]), strong=acc(r["strong"]), disagree=dis)
-    gap, dis = paired(r["pgd"], r["fgsm"])
-    warn, se2 = gap_test(gap, dis, n, MARGINS["one step vs many"])
-    add("one step vs many", warn, gap, se2,
-        f"{d['fgsm']} {acc(r['fgsm']):.2f} % vs {d['pgd']} {acc(r['pgd']):.2f} %: FGSM "
-        + (f"lower by {gap:.2f} points" if gap > 0 else f"higher by {-gap:.2f} points"),
-        "one step does better than many: the loss surface is masked near the images (gradient masking)",
-        pgd=acc(r["pgd"]), fgsm=acc(r["fgsm"]), disagree=dis)
+    def lower(gap):
+        return f"lower by {gap:.2f} points" if gap >= 0 else f"higher by {-gap:.2f} points"
+
+    def below_pgd(check, other, who, advice):  # `other`'s accuracy below PGD's by more than margin and noise
+        gap, dis = paired(r["pgd"], r[other])
+        warn, se2 = gap_test(gap, dis, n, MARGINS[check])
+        add(check, warn, gap, se2, f"{d[other]} {acc(r[other]):.2f} % vs {d['pgd']} {acc(r['pgd']):.2f} %: "
+            f"{who}{lower(gap)}", advice, pgd=acc(r["pgd"]), **{other: acc(r[other])}, disagree=dis)
+    below_pgd("margin vs cross-entropy", "cw", "CW ",
+              "CE gradients vanish (a saturated softmax?); report CW / AutoAttack, not PGD-CE")
+    below_pgd("convergence", "strong", "", f"{d['pgd']} had not converged and overstates robustness by that much; "
+              "report a stronger attack (more steps and restarts, AutoAttack)")
+    below_pgd("one step vs many", "fgsm", "FGSM ",
+              "one step does better than many: the loss surface is masked near the images (gradient masking)")
     k = int(r["unbounded"].sum())
     warn, se2 = gap_test(100 * k / n, k, n, MARGINS["unbounded attack"])
     add("unbounded attack", warn, 100 * k / n, se2, f"{d['unbounded']} {100 * k / n:.2f} % ({k} images)",
@@ -203,7 +198,8 @@ def plot_curves(curves, path, names=("PGD", "CW")):
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title("robustness curve: accuracy against the radius (radius 0: clean)", fontsize=10)
-    styles = [Line2D([], [], color="grey", linestyle="-", marker="o", markersize=4, label=f"{names[0]} (cross-entropy)"),
+    styles = [Line2D([], [], color="grey", linestyle="-", marker="o", markersize=4,
+                     label=f"{names[0]} (cross-entropy)"),
               Line2D([], [], color="grey", linestyle="--", marker="s", markersize=4, label=f"{names[1]} (margin)"),
               Line2D([], [], color="grey", linestyle=":", label="training radius")]
     ax.legend(handles=handles + styles, fontsize=7, loc="upper right")

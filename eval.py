@@ -1,4 +1,5 @@
-"""Evaluate any checkpoint: clean, FGSM, PGD-20, CW-30 and AutoAttack accuracy on the test split.
+"""Evaluate any checkpoint: clean, FGSM, PGD-20, CW-30 and AutoAttack accuracy on the test split, and whether
+those numbers can be trusted (--checks: gradient masking; --curve: accuracy against the radius).
 
     python eval.py runs/at-cifar10-preact_resnet18/best.pt
     python eval.py last.pt --weights wa --attacks clean pgd aa --n-examples 1000
@@ -16,9 +17,17 @@ attack's settings. Nothing computed is lost:
     from (--seed, attack, chunk), so a resumed evaluation gives the numbers of an uninterrupted one;
   - the files belong to one checkpoint file (its SHA-256 is stored): when the checkpoint has changed since (a newer
     best.pt), the old results are moved aside to NAME.eval.epochE-HASH.json/.pt, never mixed with the new ones.
-The `worst case` row counts an image as robust only if it survived every attack stored for the same images.
+The `worst case` row counts an image as robust only if it survived every attack stored for the same images at the
+same radius.
 
+    python eval.py runs/at/best.pt --checks               # can its numbers be trusted? gradient-masking checks
+    python eval.py runs/*/best.pt --attacks --curve        # accuracy against the radius, one picture (checks.py)
     python eval.py at/best.pt sar/best.pt --attacks --lowpass --spectrum   # the spectral analysis (spectral.py)
+
+--checks and --curve run on the first --checks-n (500) of the images; their attacks are stored, resumed and shared
+like the others (an attack on the first 500 images is taken from the same attack on more images where the chunks
+hold them). A picture of one checkpoint goes beside its results, of several in their common folder, or for several
+run folders in the report folder beside them (report.py's); --curve-out / --spectrum-out choose.
 """
 import argparse
 import hashlib
@@ -257,12 +266,14 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
     key, desc = attack_key(s, n, args.seed)
     n_chunks = math.ceil(n / chunk)
     entry = store["attacks"].get(key)
-    if entry is not None and (args.redo or (not bool(entry["done"].all()) and entry["chunk"] != chunk)):
-        if not args.redo:
+    redo = args.redo and key not in store.setdefault("redone", [])  # once per command, though checks share it
+    if entry is not None and (redo or (not bool(entry["done"].all()) and entry["chunk"] != chunk)):
+        if not redo:
             raise SystemExit(f"error: an interrupted {desc} evaluation used --batch-size {entry['chunk']}; run it "
                              f"again with --batch-size {entry['chunk']} to resume it, or with --redo to start over")
         entry = None
     if entry is None:
+        store["redone"].append(key)
         entry = dict(name=s["name"], attack=desc, eps=s["eps"], norm=s["norm"], n_examples=n, seed=args.seed,
                      chunk=chunk, seconds=0.0, correct=torch.zeros(n, dtype=torch.bool),
                      done=torch.zeros(n_chunks, dtype=torch.bool), listed=listed, spec=dict(s))
@@ -357,9 +368,12 @@ def run_checks(model, x, y, args, store, save, full):
     shared with the same attacks asked for directly. Returns (curve record, checks record or None, lines)."""
     n, rs = len(y), checks.radii(args.eps, args.norm)
 
+    used = {}
+
     def run(s, **kw):
-        return run_attack(model, s, x, y, args, store, save, listed=False, **kw)[1]
-    t0 = time.time()
+        key, entry, _ = run_attack(model, s, x, y, args, store, save, listed=False, **kw)
+        used[key] = entry
+        return entry
     clean = run(spec("clean", args))
     r = dict(clean=clean["correct"], norm=args.norm, eps=args.eps, radii=rs, descs={})
     if full:
@@ -395,11 +409,14 @@ def run_checks(model, x, y, args, store, save, full):
     r["passes"] = checks.repeat_passes(model, x, args.batch_size)
     found = checks.verdicts(r, n)
     warned = [v["check"] for v in found if v["status"] == "WARN"]
-    record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=utils.now(),
-                  seconds=round(time.time() - t0, 2), warned=warned, checks=found,
+    seconds = round(sum(v["seconds"] for v in used.values()), 1)  # the attacks' own time, resumed ones included
+    pgd_seconds = next(v["seconds"] for v in used.values() if v["attack"] == r["descs"]["pgd"])
+    record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=utils.now(), seconds=seconds,
+                  warned=warned, checks=found,
                   attacks={d: round(100 * r[k].float().mean().item(), 4) for k, d in r["descs"].items()})
-    lines.append(f"  gradient-masking checks, first {n} test images ({args.norm}, eps {attacks.radius(args.eps, args.norm)}"
-                 f", seed {args.seed}):")
+    lines.append(f"  gradient-masking checks, first {n} test images ({args.norm}, eps "
+                 f"{attacks.radius(args.eps, args.norm)}, seed {args.seed}; their attacks took {seconds:.0f} s, "
+                 f"{r['descs']['pgd'].split(' (')[0]} alone {pgd_seconds:.1f} s):")
     lines += [f"  {v['status']}  {i}. {v['check']}: {v['text']}" for i, v in enumerate(found, 1)]
     lines.append("  " + ("all checks pass" if not warned else f"{len(warned)} of {len(found)} checks warn: the "
                          f"numbers of gradient attacks on this model are not to be trusted as they stand"))
@@ -446,6 +463,7 @@ def main(argv=None):
               f"epoch {info.get('epoch', '?')}), {info['dataset']} test, first {n} images"
               + (f" (all there are; --n-examples {args.n_examples} asked for more)" if n < args.n_examples else ""))
         record, store = read_results(json_path, store_path, fp, dict(checkpoint=path, **info))
+        store["redone"] = []  # the attacks this command has run afresh
         utils.remove_stale_temp_files(os.path.dirname(json_path))
 
         def save():  # per-image results after every chunk, the JSON view after every attack; both atomic

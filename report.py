@@ -7,10 +7,11 @@ Table: one row per run and checkpoint (best.pt, last.pt, wa_best.pt, and last.pt
 evaluated): method, network, data set, epochs trained, the epoch the checkpoint holds, its validation clean and PGD
 accuracy, and every eval.py result found beside it (NAME.eval.json): clean, FGSM, PGD, CW, AutoAttack and the
 per-image worst case, and eval.py --checks' verdict (all pass / which checks warned). A row shows its attacks at one
-radius (the training radius where they were run at it, else the radius with the most results). A row shows its attacks on the same images where it can: the largest number of first test
-images every attack of the row was run on (then the newest result), so the worst case covers them all; a cell on
-other images says so ("other images: first N"). Each attack's settings and number of images are given below the table (numbered
-where the rows differ); the CSV carries them in every row. Missing cells stay empty.
+radius (the training radius where they were run at it, else the radius with the most results) and on the same
+images where it can: the largest number of first test images every attack of the row was run on (then the newest
+result), so the worst case covers them all; a cell on other images says so ("other images: first N"). Each attack's
+settings and number of images are given below the table (numbered where the rows differ); the CSV carries them in
+every row. Missing cells stay empty.
 
 Curves (PNG): validation PGD and clean accuracy per epoch for every run, one colour per run, the weight average
 dashed, the lr milestones as dotted vertical lines in the run's colour; train loss and the method's own term (SAR's

@@ -915,7 +915,8 @@ def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, 
     record = json.load(open(run / "best.eval.json"))
     assert list(record["checks"]) == ["checks (Linf, eps 2/255) | first 24 test images | seed 0"]
     assert list(record["curve"]) == ["curve (Linf, eps 2/255) | first 24 test images | seed 0"]
-    assert record["checks"]["checks (Linf, eps 2/255) | first 24 test images | seed 0"]["warned"] == got["checks"]["warned"]
+    key = "checks (Linf, eps 2/255) | first 24 test images | seed 0"
+    assert record["checks"][key]["warned"] == got["checks"]["warned"]
     monkeypatch.setattr(attacks, "pgd", lambda *a, **k: pytest.fail("attacked again"))
     monkeypatch.setattr(attacks, "square", lambda *a, **k: pytest.fail("attacked again"))
     again = ev([ck, "--attacks"] + flags)[ck]["ran"]["checks"]
@@ -930,7 +931,14 @@ def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, 
     real_pgd, calls = attacks.pgd, []
     monkeypatch.setattr(attacks, "pgd", lambda *a, **k: calls.append(1) or real_pgd(*a, **k))
     resumed = ev([ck, "--attacks", "--results-dir", str(tmp_path / "killed")] + flags)[ck]["ran"]["checks"]
-    assert calls == [] and [v["numbers"] for v in resumed["checks"][:7]] == [v["numbers"] for v in got["checks"]["checks"][:7]]
+    assert calls == []
+    assert [v["numbers"] for v in resumed["checks"][:7]] == [v["numbers"] for v in got["checks"]["checks"][:7]]
+    # --redo runs every attack once, though the checks share the ones asked for
+    seen, real_chunk = [], evaluate.chunk_correct
+    monkeypatch.setattr(evaluate, "chunk_correct", lambda m, s, xb, *a: seen.append(
+        (str(s), float(xb.float().sum()))) or real_chunk(m, s, xb, *a))
+    ev([ck, "--attacks", "clean", "pgd", "--redo"] + flags)
+    assert len(seen) == len(set(seen)) and len({s for s, _ in seen}) == 15  # clean, PGD, FGSM, 5 + 5 curve, 3 more
 
 
 # ---------------------------------------------------------------- nothing lost, nothing mislabelled
@@ -1182,7 +1190,8 @@ def test_curve_picture_is_labelled_and_placed_where_a_comparison_belongs(monkeyp
     # where eval.py puts a picture: beside one checkpoint's results; in the folder of several; else in the report
     # folder beside the runs (report.py's); --curve-out / --spectrum-out wins
     runs = tmp_path / "runs"
-    assert evaluate.picture_path([str(runs / "a" / "best.eval.json")], "curve", None) == str(runs / "a" / "best.curve.png")
+    assert evaluate.picture_path([str(runs / "a" / "best.eval.json")], "curve", None) == str(
+        runs / "a" / "best.curve.png")
     assert evaluate.picture_path([str(runs / "a" / "best.eval.json"), str(runs / "a" / "last.eval.json")], "curve",
                                  None) == str(runs / "a" / "curve.png")
     assert evaluate.picture_path([str(runs / "a" / "best.eval.json"), str(runs / "b" / "best.eval.json")],
@@ -1197,6 +1206,19 @@ def test_readme_explains_itself():
     for word in ("TRADES", "MART", "SAR", "ISEAT", "AutoAttack", "fashion_mnist", "DEVICE=cuda", "bench.py",
                  "report.py"):
         assert word in readme, word
+    # the line counts the README gives are the files'
+    import re
+    lines = {f: sum(1 for _ in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)))
+             for f in os.listdir(os.path.dirname(os.path.abspath(__file__))) if f.endswith(".py")}
+    rows = re.findall(r"^\| `(\w+\.py)` \|.*\((\d+)(?: lines)?\) \|$", readme, re.M)
+    assert {f for f, _ in rows} == {"wa.py", "attacks.py", "models.py", "data.py", "utils.py"}
+    for f, n in rows:
+        assert lines[f] == int(n), (f, n)
+    counts = re.search(r"the methods \(([\d, ]+) lines\)", readme).group(1)
+    methods = ("at.py", "sar.py", "iseat.py", "trades.py", "mart.py")
+    assert [int(c) for c in counts.split(", ")] == [lines[f] for f in methods]
+    shared = sum(lines[f] for f in ("attacks.py", "data.py", "models.py", "utils.py", "wa.py"))
+    assert f"sar.py with them is {shared + lines['sar.py']:,} lines, of which {shared:,} are shared" in readme
 
 
 # ---------------------------------------------------------------- bad input: one clear line each
@@ -2223,6 +2245,15 @@ def test_autoattack_resumes_inside_a_component_and_equals_the_standard_evaluatio
     assert ran[0] == "apgd-t" and "apgd-ce" not in ran  # APGD-CE is not run again
     assert torch.equal(got.cpu(), want)  # the per-image result of the uninterrupted standard evaluation
     assert saved[-1]["done"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    # the time left in a chunk, from the per-image rates of the components in the chunks before
+    import re
+    logs, rates = [], {}
+    attacks.autoattack(model, x, y, eps, batch_size=24, log=logs.append, rates=rates)
+    assert "time left known after the first images" in logs[0] and "apgd-ce" in rates
+    logs.clear()
+    attacks.autoattack(model, x, y, eps, batch_size=24, log=logs.append, rates=rates)
+    assert re.fullmatch(r"  AutoAttack apgd-ce: \d+/24 images still robust, \d+ s, ~\d+ s left in these 24 images",
+                        logs[0]), logs
 
 
 def test_report_puts_a_row_on_the_same_images():
