@@ -459,9 +459,11 @@ def main(argv=None):
         n = min(args.n_examples, len(ds["test_x"]))
         x, y = ds["test_x"][:n], ds["test_y"][:n]
         weights = info.get("weights", args.weights)
+        more = f" (all there are; --n-examples {args.n_examples} asked for more)" if n < args.n_examples else ""
+        sets = [f"first {n} images{more}"] if args.attacks or args.lowpass or args.spectrum else []
+        sets += [f"--checks/--curve on the first {min(args.checks_n, n)}"] if args.checks or args.curve else []
         print(f"{path}: {info['arch']} ({info.get('method', 'state dict')}, {weights} weights, "
-              f"epoch {info.get('epoch', '?')}), {info['dataset']} test, first {n} images"
-              + (f" (all there are; --n-examples {args.n_examples} asked for more)" if n < args.n_examples else ""))
+              f"epoch {info.get('epoch', '?')}), {info['dataset']} test, " + "; ".join(sets))
         record, store = read_results(json_path, store_path, fp, dict(checkpoint=path, **info))
         store["redone"] = []  # the attacks this command has run afresh
         utils.remove_stale_temp_files(os.path.dirname(json_path))
