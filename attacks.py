@@ -154,16 +154,16 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
 
 
 def square(model, x, y, eps=8 / 255, norm="Linf", queries=5000, seed=0):
-    """AutoAttack's Square (Andriushchenko et al. 2020), a score-based black-box attack, as the standard
-    AutoAttack sets it up (p_init 0.8, one restart), through pyautoattack==0.2.0: it asks the model for scores only,
-    never for a gradient. The global random state it reseeds is restored; fp32. Returns per-sample correctness."""
-    from pyautoattack.square import SquareAttack
+    """AutoAttack's Square (Andriushchenko et al. 2020) alone, a score-based black-box attack: it asks the model for
+    scores only, never for a gradient. Set up by the standard AutoAttack itself (its p_init, restarts and seed), with
+    `queries` queries; the global random state it reseeds is restored; fp32. Returns per-sample correctness."""
+    from pyautoattack import AutoAttack
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     devices = [x.device] if x.device.type == "cuda" else []
     with frozen(model), torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
-        sq = SquareAttack(model, p_init=.8, n_queries=queries, eps=eps, norm=norm, n_restarts=1, seed=seed,
-                          verbose=False, device=x.device, resc_schedule=False)
-        adv = sq.perturb(x, y).detach()
+        adversary = AutoAttack(model, norm=norm, eps=eps, version="standard", device=x.device, seed=seed)
+        adversary.square.n_queries = queries
+        adv = _aa_component(adversary, "square", x, y).detach()
         with torch.no_grad():
             return model(adv).argmax(1) == y
 

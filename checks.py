@@ -49,11 +49,6 @@ def unbounded_radius(norm, image_shape):
     return 0.5 if norm == "Linf" else 0.5 * math.sqrt(math.prod(image_shape))
 
 
-def show_radius(v, eps, norm):
-    """A radius of the sweep as the user wrote eps: 16/255 beside 8/255, 0.2 beside 0.1."""
-    return attacks.radius(v, norm) if "/" in attacks.radius(eps, norm) else f"{v:.4g}"
-
-
 def gap_test(gap, disagree, n, margin):
     """(warn, two standard errors): a gap of `gap` points counts only beyond the margin and beyond Z standard errors
     100 * sqrt(disagree) / n of a paired difference on n images."""
@@ -105,7 +100,7 @@ def verdicts(r, n):
     out = []
     d = {k: v.split(" (")[0] for k, v in r["descs"].items()}  # short names; the settings are in the JSON
     d["strong"] += f" x{STRONG_RESTARTS} restarts"
-    d["unbounded"] += f" at radius {show_radius(r['unbounded_eps'], r['eps'], r['norm'])}"
+    d["unbounded"] += f" at radius {attacks.radius(r['unbounded_eps'], r['norm'])}"
 
     def add(check, warn, gap, se2, text, advice, **numbers):
         out.append(dict(check=check, status="WARN" if warn else "PASS", gap=round(gap, 4),
@@ -143,7 +138,7 @@ def verdicts(r, n):
             if rise is None or (warn, gap) > (rise[2], rise[0]):
                 rise = (gap, se2, warn)
     add("monotone in the radius", rise[2], rise[0], rise[1],
-        "; ".join(text) + " over radii " + ", ".join(show_radius(x, r["eps"], r["norm"]) for x in r["radii"]),
+        "; ".join(text) + " over radii " + ", ".join(attacks.radius(x, r["norm"]) for x in r["radii"]),
         f"accuracy rises with the radius (by {rise[0]:.2f} points): the attack does not find what a larger ball holds",
         radii=list(r["radii"]), pgd=[acc(t) for t in r["curve_pgd"]], cw=[acc(t) for t in r["curve_cw"]])
     k = int((r["whitebox"] & ~r["square"]).sum())
@@ -173,7 +168,7 @@ def verdicts(r, n):
 
 
 def plot_curves(curves, path, names=("PGD", "CW")):
-    """curves: [(label, norm, radii, pgd accuracies, cw accuracies, eval radius, training radius or None)]; accuracy
+    """curves: [(label, norm, radii, pgd accuracies, cw accuracies, training radius or None)]; accuracy
     against the radius, PGD solid and CW dashed, one colour per checkpoint, the training radius dotted."""
     import matplotlib
     matplotlib.use("Agg")
@@ -182,17 +177,17 @@ def plot_curves(curves, path, names=("PGD", "CW")):
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = plt.get_cmap("tab10").colors
     handles, norm = [], curves[0][1]
-    for i, (label, norm, rs, pgd, cw, eps, train_eps) in enumerate(curves):
+    for i, (label, norm, rs, pgd, cw, train_eps) in enumerate(curves):
         c = colours[i % len(colours)]
         ax.plot(rs, pgd, "-o", color=c, markersize=4)
         ax.plot(rs, cw, "--s", color=c, markersize=4)
         if train_eps:
             ax.axvline(train_eps, color=c, linestyle=":", linewidth=1.5)
-        handles.append(Line2D([], [], color=c, label=label + (f" (trained at {show_radius(train_eps, eps, norm)})"
+        handles.append(Line2D([], [], color=c, label=label + (f" (trained at {attacks.radius(train_eps, norm)})"
                                                               if train_eps else " (trained without an attack)")))
     all_r = sorted({x for cv in curves for x in cv[2]})
     ax.set_xticks(all_r)
-    ax.set_xticklabels([show_radius(x, curves[0][5], norm) for x in all_r], rotation=30, fontsize=8)
+    ax.set_xticklabels([attacks.radius(x, norm) for x in all_r], rotation=30, fontsize=8)
     ax.set_xlabel(f"attack radius ({norm}{', pixel values in [0, 1]' if norm == 'Linf' else ''})")
     ax.set_ylabel("accuracy under attack (%)")
     ax.set_ylim(-2, 102)

@@ -311,6 +311,11 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
     return key, entry, True
 
 
+def accuracy(correct):
+    """Per-image flags as the percentage stored and printed."""
+    return round(100 * correct.float().mean().item(), 4)
+
+
 def first_images_of(store, entry):
     """The per-image result of the same attack on these first images, taken from a stored run on more images whose
     chunks hold exactly these (chunk c's randomness depends on c only, so it is what a run here computes)."""
@@ -339,11 +344,10 @@ def summary(store):
     for key, e in store["attacks"].items():
         if not bool(e["done"].all()):
             continue
-        acc = round(100 * e["correct"].float().mean().item(), 4)
         if e.get("listed", True):
-            results[key] = dict(name=e["name"], attack=e["attack"], accuracy=acc, n_examples=e["n_examples"],
-                                seed=e["seed"], date=e.get("date"), seconds=e["seconds"], eps=e.get("eps"),
-                                norm=e.get("norm"))
+            results[key] = dict(name=e["name"], attack=e["attack"], accuracy=accuracy(e["correct"]),
+                                n_examples=e["n_examples"], seed=e["seed"], date=e.get("date"), seconds=e["seconds"],
+                                eps=e.get("eps"), norm=e.get("norm"))
         if e["name"] != "clean":
             groups.setdefault((e["n_examples"], e.get("norm"), e.get("eps")), []).append(e)
     for (n, norm, eps), used in groups.items():
@@ -358,7 +362,7 @@ def summary(store):
                           + ("" if e.get("listed", True) else " [check]") for e in used)
         key = worst_key(n, norm, eps) if eps is not None else f"worst case | first {n} test images"
         results[key] = dict(name="worst", attack=f"worst case over: {names} (per image)",
-                            accuracy=round(100 * worst.float().mean().item(), 4), n_examples=n, seed=None,
+                            accuracy=accuracy(worst), n_examples=n, seed=None,
                             date=utils.now(), seconds=0.0, eps=eps, norm=norm)
     return results
 
@@ -388,10 +392,9 @@ def run_checks(model, x, y, args, store, save, full):
                 r[name], r["descs"][name] = e["correct"], e["attack"]
     curve = dict(norm=args.norm, eps=args.eps, radii=rs, n_examples=n, seed=args.seed, date=utils.now(),
                  pgd_attack=r["descs"]["pgd"], cw_attack=r["descs"]["cw"],
-                 pgd=[round(100 * t.float().mean().item(), 4) for t in r["curve_pgd"]],
-                 cw=[round(100 * t.float().mean().item(), 4) for t in r["curve_cw"]])
+                 pgd=[accuracy(t) for t in r["curve_pgd"]], cw=[accuracy(t) for t in r["curve_cw"]])
     lines = [f"  robustness curve, first {n} test images: radius "
-             + "  ".join(checks.show_radius(v, args.eps, args.norm) for v in rs)]
+             + "  ".join(attacks.radius(v, args.norm) for v in rs)]
     lines += [f"    {curve[k + '_attack'].split(' (')[0]:<8} " + "  ".join(f"{a:.2f}" for a in curve[k]) + " %"
               for k in ("pgd", "cw")]
     if not full:
@@ -413,7 +416,7 @@ def run_checks(model, x, y, args, store, save, full):
     pgd_seconds = next(v["seconds"] for v in used.values() if v["attack"] == r["descs"]["pgd"])
     record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=utils.now(), seconds=seconds,
                   warned=warned, checks=found,
-                  attacks={d: round(100 * r[k].float().mean().item(), 4) for k, d in r["descs"].items()})
+                  attacks={d: accuracy(r[k]) for k, d in r["descs"].items()})
     lines.append(f"  gradient-masking checks, first {n} test images ({args.norm}, eps "
                  f"{attacks.radius(args.eps, args.norm)}, seed {args.seed}; their attacks took {seconds:.0f} s, "
                  f"{r['descs']['pgd'].split(' (')[0]} alone {pgd_seconds:.1f} s):")
@@ -464,6 +467,8 @@ def main(argv=None):
         sets += [f"--checks/--curve on the first {min(args.checks_n, n)}"] if args.checks or args.curve else []
         print(f"{path}: {info['arch']} ({info.get('method', 'state dict')}, {weights} weights, "
               f"epoch {info.get('epoch', '?')}), {info['dataset']} test, " + "; ".join(sets))
+        label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)) + (
+            " (wa)" if args.weights == "wa" else "")  # in the pictures
         record, store = read_results(json_path, store_path, fp, dict(checkpoint=path, **info))
         store["redone"] = []  # the attacks this command has run afresh
         utils.remove_stale_temp_files(os.path.dirname(json_path))
@@ -497,9 +502,8 @@ def main(argv=None):
                 record.setdefault("checks", {})["checks " + tag] = found
             write()
             print("\n".join(lines), flush=True)
-            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-            curves.append((label + (" (wa)" if args.weights == "wa" else ""), args.norm, curve["radii"],
-                           curve["pgd"], curve["cw"], args.eps, info.get("train_eps")))
+            curves.append((label, args.norm, curve["radii"],
+                           curve["pgd"], curve["cw"], info.get("train_eps")))
             ran.update(curve=curve, checks=found)
         pgd_name = attacks.describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)
         if args.lowpass:
@@ -527,8 +531,7 @@ def main(argv=None):
                 attack=pgd_name, n_examples=n, seed=args.seed, date=utils.now(),
                 amplitude=utils.tidy(spec_map.tolist(), 5), radial_profile=utils.tidy(prof.tolist(), 5))
             utils.write_json(record, json_path)
-            label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-            spectra.append((label + (" (wa)" if args.weights == "wa" else ""), spec_map, prof))
+            spectra.append((label, spec_map, prof))
         print(f"  results: {json_path}")
         out[path] = dict(record, ran=ran)
     if spectra:

@@ -1174,8 +1174,8 @@ def test_curve_picture_is_labelled_and_placed_where_a_comparison_belongs(monkeyp
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
                         lambda self, *a, **k: figs.append(self) or real(self, *a, **k))
     rs = checks.radii(8 / 255)
-    checks.plot_curves([("at/best.pt", "Linf", rs, [80, 70, 60, 50, 20, 1], [80, 69, 58, 48, 18, 0], 8 / 255, 8 / 255),
-                        ("natural/best.pt", "Linf", rs, [90, 40, 10, 1, 0, 0], [90, 39, 9, 0, 0, 0], 8 / 255, 0)],
+    checks.plot_curves([("at/best.pt", "Linf", rs, [80, 70, 60, 50, 20, 1], [80, 69, 58, 48, 18, 0], 8 / 255),
+                        ("natural/best.pt", "Linf", rs, [90, 40, 10, 1, 0, 0], [90, 39, 9, 0, 0, 0], 0)],
                        str(tmp_path / "c.png"), names=("PGD-20", "CW-30"))
     (fig,) = figs
     (ax,) = fig.axes
