@@ -19,41 +19,37 @@ def cw_loss(logits, y):
     return other.max(1).values - z_y
 
 
-def _loss(logits, y, loss):
-    logits = logits.float()
-    if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="sum")  # summed: only the gradient's sign/direction matters
-    if loss == "cw":
-        return cw_loss(logits, y).sum()
-    raise ValueError(f"unknown attack loss {loss!r}; use 'ce' or 'cw'")
-
-
-def _l2(v):
-    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
-
-
 def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, loss="ce", norm="Linf", noise=None):
-    """Projected gradient ascent on `loss` within the eps-ball around x and the [0,1] box; returns x' detached.
-    The random start is x + U(-eps, eps); `noise` (L-inf only) is the U(0, 1) draw to take it from (default: drawn
-    here; the training loops pass one drawn for the global batch, so that N processes start where one would)."""
+    """Projected gradient ascent on `loss` ("ce", or "cw": the margin of cw_loss) within the eps-ball around x and
+    the [0,1] box; returns x' detached. L-inf: sign steps; L2: steps along the normalised gradient. The random start
+    is x + U(-eps, eps) (L2: a uniform direction at a radius uniform in [0, eps]); `noise` (L-inf only) is the U(0, 1)
+    draw to take it from (default: drawn here; the training loops pass one drawn for the global batch, so that N
+    processes start where one would). Input gradients only: no parameter gradient is computed or left behind.
+    Needs torch, torch.nn.functional as F and cw_loss."""
+    if loss not in ("ce", "cw"):
+        raise ValueError(f"unknown attack loss {loss!r}; use 'ce' or 'cw'")
     x = x.detach()
+    per_image = (-1,) + (1,) * (x.dim() - 1)
+    l2 = lambda v: v.flatten(1).norm(dim=1).clamp_min(1e-12).view(per_image)  # noqa: E731 (per-image L2 norm)
     if not random_start:
         delta = torch.zeros_like(x)
     elif norm == "Linf":
         u = torch.rand_like(x) if noise is None else noise
         delta = u * (2 * eps) - eps
-    else:  # L2: a uniform direction at a uniform radius in [0, eps]
+    else:
         delta = torch.randn_like(x)
-        delta = delta / _l2(delta) * eps * torch.rand(len(x), device=x.device).view(-1, *([1] * (x.dim() - 1)))
+        delta = delta / l2(delta) * eps * torch.rand(len(x), device=x.device).view(per_image)
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
-        (g,) = torch.autograd.grad(_loss(model(x + delta), y, loss), delta)
+        logits = model(x + delta).float()  # summed over the batch: only each image's gradient direction matters
+        objective = F.cross_entropy(logits, y, reduction="sum") if loss == "ce" else cw_loss(logits, y).sum()
+        (g,) = torch.autograd.grad(objective, delta)
         if norm == "Linf":
             delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
         else:
-            delta = delta.detach() + alpha * g / _l2(g)
-            delta = delta * (eps / _l2(delta)).clamp(max=1.0)
+            delta = delta.detach() + alpha * g / l2(g)
+            delta = delta * (eps / l2(delta)).clamp(max=1.0)
         delta = (x + delta).clamp(0, 1) - x
     return (x + delta).detach()
 
@@ -187,6 +183,20 @@ def _aa_component(adversary, attack, x, y):
         adversary.square.seed = adversary.get_seed()
         return adversary.square.perturb(x, y)
     raise ValueError(f"unknown AutoAttack component {attack!r}")
+
+
+def fraction(s):
+    """argparse type for radii and steps: '8/255' or a plain number, both in [0,1] pixel units."""
+    import argparse
+    import math
+    try:
+        num, _, den = s.partition("/")
+        v = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number or a fraction like 8/255") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
 
 
 def radius(v, norm="Linf", digits=4):

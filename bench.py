@@ -27,7 +27,7 @@ import time
 
 import torch
 
-import utils
+import eval as tools  # the command-line plumbing eval.py, report.py and bench.py share
 
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first match wins
 PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -54,17 +54,17 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this device")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
-    args = utils.parse_args(p, argv)
+    args = tools.parse_args(p, argv)
     q = args.quick
     args.methods = args.methods or (["at", "sar", "iseat", "trades", "mart"] if q else ["at", "sar", "iseat"])
     args.archs = args.archs or (["cnn"] if q else ["preact_resnet18", "wrn34_10"])
     args.modes = args.modes or (["fp32"] if q else list(MODES))
     args.batch_size = args.batch_size or (32 if q else 128)
-    utils.require(all(m in ("at", "sar", "iseat", "trades", "mart") for m in args.methods),
+    tools.require(all(m in ("at", "sar", "iseat", "trades", "mart") for m in args.methods),
                   f"--methods {' '.join(args.methods)}: choose among at sar iseat trades mart")
-    utils.require(args.batch_size >= 1 and (args.max_batches is None or args.max_batches >= 1),
+    tools.require(args.batch_size >= 1 and (args.max_batches is None or args.max_batches >= 1),
                   "--batch-size and --max-batches must be positive")
-    utils.check_device(args.device)
+    tools.check_device(args.device)
     return args
 
 
@@ -102,27 +102,6 @@ def run_one(method, arch, mode, batch, max_batches, device, in_process):
     return dict(img_per_s=float(m.group(1)), tflops=float(m.group(2)), seconds=round(time.time() - t0, 1))
 
 
-def forward_gflops(model, x):
-    """GFLOP of one forward per image (torch.utils.flop_counter: 2 per multiply-add in convolutions and matmuls).
-    A training pass (forward + backward) costs about 3 of these, a PGD step (input gradient only) about 2."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() / len(x) / 1e9
-
-
-def report_line(args, model, ds, rec, world, passes):
-    """The --bench line: images/s of the second epoch, and the TFLOP/s it implies (forward FLOPs x passes)."""
-    gflop = forward_gflops(model, ds["train_x"][:2].float() / 255)
-    print(f"benchmark: {rec['img_per_s']:.4g} images/s ({args.arch}, {args.dataset}, batch {args.batch_size}, "
-          f"{world} process(es), amp={args.amp}, compile={args.compile}); forward {gflop:.3g} GFLOP/image x "
-          f"{passes} forward-equivalents = {rec['img_per_s'] * gflop * passes / 1000:.3g} TFLOP/s achieved",
-          flush=True)
-
-
 def rate(v):
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
@@ -131,7 +110,7 @@ def markdown(res, args, device_name, peak):
     """The README's tables: at.py per network and precision; every method's images/s and ratio to at.py."""
     top = MODES[-1] if MODES[-1] in args.modes else args.modes[-1]
     lines = [f"Device: {device_name}; dense bf16 peak: {f'{peak:g} TFLOP/s' if peak else 'unknown'}; "
-             f"batch {args.batch_size}; {utils.now()[:10]}", "",
+             f"batch {args.batch_size}; {tools.now()[:10]}", "",
              "| model | " + " | ".join(f"at.py {m} (img/s)" for m in args.modes)
              + f" | largest batch, {res['largest_batch_mode']} (img/s) | TFLOP/s ({top}) | fraction of peak "
              f"| 50k-image epoch |",
@@ -169,9 +148,9 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     peak, peak_key = peak_of(device_name, args.peak_tflops)
     in_process = args.quick and not args.device.startswith("cuda")
-    utils.check_writable(os.path.dirname(os.path.abspath(args.out)))
+    tools.check_writable(os.path.dirname(os.path.abspath(args.out)))
     res = dict(device=device_name, peak_bf16_tflops=peak, peak_source=peak_key, batch_size=args.batch_size,
-               date=utils.now(), runs={}, ratios={}, largest_batch={})
+               date=tools.now(), runs={}, ratios={}, largest_batch={})
     for arch in args.archs:
         k = args.max_batches or (2 if args.quick else 10 if arch.startswith("wrn") else 30)
         for method in args.methods:
@@ -204,10 +183,10 @@ def main(argv=None):
     res["markdown"] = markdown(res, args, device_name, peak)
     print()
     print(res["markdown"])
-    utils.write_json(res, args.out)
+    tools.write_json(res, args.out)
     print(f"\n{res['seconds']:.0f} s in all; written to {args.out}")
     return res
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    tools.cli(main)

@@ -15,6 +15,7 @@ import functools
 import gzip
 import math
 import os
+import warnings
 import zipfile
 
 import numpy as np
@@ -324,3 +325,29 @@ def num_batches(n, batch_size, max_batches=None):
     nb = math.ceil(n / batch_size)
     return nb if max_batches is None else min(nb, max_batches)
 
+
+# ---------------------------------------------------------------- the global batch under torchrun
+
+def gatherer(sizes):
+    """gather(t): the concatenation over ranks of t (this rank's share of a global batch, sizes[r] rows on rank r),
+    in the global batch's order, with autograd. Its backward sums every rank's gradient for this rank's rows: when
+    each rank computes the same global term from the gathered tensor, rank r gets N times its rows' gradient, and
+    DDP's averaging over the N ranks leaves exactly the one-process gradient."""
+    from torch.distributed.nn.functional import all_gather
+    # marked deprecated in favour of a private module; it is the public API that works on every supported torch
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated")
+    m = max(sizes)
+
+    def gather(t):
+        if len(t) < m:  # all_gather takes equal shapes: pad, then drop the padding
+            t = torch.cat([t, t.new_zeros(m - len(t), *t.shape[1:])])
+        return torch.cat([part[:s] for part, s in zip(all_gather(t), sizes)])
+    return gather
+
+
+def average_over_ranks(tensors):
+    """The mean over ranks of each tensor (one all-reduce of them all); for gradients taken outside DDP's backward."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

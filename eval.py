@@ -30,10 +30,13 @@ hold them). A picture of one checkpoint goes beside its results, of several in t
 run folders in the report folder beside them (report.py's); --curve-out / --spectrum-out choose.
 """
 import argparse
+import datetime
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import zlib
@@ -45,7 +48,6 @@ import checks
 import data
 import models
 import spectral
-import utils
 
 ATTACKS = ("clean", "fgsm", "pgd", "cw", "aa")
 NAMES = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "aa": "AutoAttack"}
@@ -62,8 +64,8 @@ def get_args(argv=None):
     p.add_argument("--n-examples", type=int, default=10000, help="the first N test images")
     p.add_argument("--batch-size", type=int, default=500, help="also the chunk whose results are kept as it ends")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
-    p.add_argument("--eps", type=utils.fraction, default=None, help="radius (default 8/255 for Linf, 0.5 for L2)")
-    p.add_argument("--alpha", type=utils.fraction, default=None, help="PGD/CW step (default eps/4)")
+    p.add_argument("--eps", type=attacks.fraction, default=None, help="radius (default 8/255 for Linf, 0.5 for L2)")
+    p.add_argument("--alpha", type=attacks.fraction, default=None, help="PGD/CW step (default eps/4)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--cw-steps", type=int, default=30)
     p.add_argument("--restarts", type=int, default=1, help="PGD/CW restarts (an image must survive all)")
@@ -86,29 +88,29 @@ def get_args(argv=None):
     p.add_argument("--curve-out", default=None, help="PNG path of the curve (default: as --spectrum-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = utils.parse_args(p, argv)
+    args = parse_args(p, argv)
     args.eps = args.eps if args.eps is not None else (8 / 255 if args.norm == "Linf" else 0.5)
     args.alpha = args.alpha if args.alpha is not None else args.eps / 4
-    utils.require(args.n_examples >= 1, f"--n-examples {args.n_examples}: evaluate at least 1 image")
-    utils.require(args.batch_size >= 1, f"--batch-size {args.batch_size}: use a positive batch size, e.g. 500")
-    utils.require(args.eps > 0 and (args.norm == "L2" or args.eps <= 1),
-                  f"--eps {utils.show(args.eps)}: L-inf radii are in (0, 1] pixel units (8/255, not 8)")
-    utils.require(args.alpha > 0, f"--alpha {args.alpha:g}: use a positive step")
-    utils.require(args.pgd_steps >= 1 and args.cw_steps >= 1, "--pgd-steps and --cw-steps: use at least 1 step")
-    utils.require(args.restarts >= 1, f"--restarts {args.restarts}: use at least 1")
-    utils.require(args.seed >= 0, f"--seed {args.seed}: use a seed >= 0")
-    utils.require(args.checks_n >= 1, f"--checks-n {args.checks_n}: check at least 1 image, e.g. 500")
-    utils.require(args.square_queries >= 1, f"--square-queries {args.square_queries}: use at least 1, e.g. 5000")
-    utils.require(args.attacks or args.lowpass or args.spectrum or args.checks or args.curve,
+    require(args.n_examples >= 1, f"--n-examples {args.n_examples}: evaluate at least 1 image")
+    require(args.batch_size >= 1, f"--batch-size {args.batch_size}: use a positive batch size, e.g. 500")
+    require(args.eps > 0 and (args.norm == "L2" or args.eps <= 1),
+                  f"--eps {attacks.radius(args.eps, digits=6)}: L-inf radii are in (0, 1] pixel units (8/255, not 8)")
+    require(args.alpha > 0, f"--alpha {args.alpha:g}: use a positive step")
+    require(args.pgd_steps >= 1 and args.cw_steps >= 1, "--pgd-steps and --cw-steps: use at least 1 step")
+    require(args.restarts >= 1, f"--restarts {args.restarts}: use at least 1")
+    require(args.seed >= 0, f"--seed {args.seed}: use a seed >= 0")
+    require(args.checks_n >= 1, f"--checks-n {args.checks_n}: check at least 1 image, e.g. 500")
+    require(args.square_queries >= 1, f"--square-queries {args.square_queries}: use at least 1, e.g. 5000")
+    require(args.attacks or args.lowpass or args.spectrum or args.checks or args.curve,
                   "nothing to do: give --attacks, --checks, --curve, --lowpass or --spectrum")
-    utils.check_device(args.device)
+    check_device(args.device)
     return args
 
 
 def load_model(path, args, device):
     """Builds the model a checkpoint was trained as and loads its weights. Returns (model, info dict)."""
-    ck = utils.load_checkpoint(path)
-    if isinstance(ck, dict) and ck.get("format") == utils.CKPT_FORMAT:
+    ck = models.load_checkpoint(path)
+    if isinstance(ck, dict) and ck.get("format") == models.CKPT_FORMAT:
         arch, dataset = ck["arch"], ck["dataset"]
         for flag, given, saved in (("--arch", args.arch, arch), ("--dataset", args.dataset, dataset)):
             if given is not None and given != saved:
@@ -138,7 +140,7 @@ def load_model(path, args, device):
                              f"read it as a bare state dict")
         if args.weights == "wa":
             raise SystemExit(f"error: --weights wa needs a checkpoint of this project; {path} is a bare state dict")
-        utils.require(args.dataset in data.DATASETS,
+        require(args.dataset in data.DATASETS,
                       f"unknown dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
         arch, dataset, data_dir = args.arch, args.dataset, args.data_dir or "data"
         sd = ck
@@ -147,7 +149,7 @@ def load_model(path, args, device):
                 sd = ck[key]
         info = dict(num_classes=data.NUM_CLASSES.get(dataset, 10), in_channels=data.CHANNELS.get(dataset, 3))
     model = models.get_model(arch, info["num_classes"], info["in_channels"])
-    utils.load_weights(model, sd, path, arch)
+    models.load_weights(model, sd, path, arch)
     info.update(arch=arch, dataset=dataset, data_dir=data_dir)
     return model.to(device).eval(), info
 
@@ -193,7 +195,7 @@ def read_results(json_path, store_path, fp, info):
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read {json_path} ({e}); move it away to start a fresh record") from None
     if os.path.exists(store_path):
-        s = utils.load_checkpoint(store_path)
+        s = models.load_checkpoint(store_path)
         if isinstance(s, dict) and "attacks" in s:
             store = s
     old = (record or {}).get("fingerprint") or store.get("fingerprint")
@@ -299,7 +301,7 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
         entry["done"][c] = True
         entry["seconds"] = round(entry["seconds"] + time.time() - t_chunk, 2)
         if bool(entry["done"].all()):
-            entry["date"] = utils.now()  # when the result was completed
+            entry["date"] = now()  # when the result was completed
         save()
         done_images = torch.repeat_interleave(entry["done"], chunk)[:n]
         acc = 100 * entry["correct"][done_images].float().mean().item()
@@ -327,7 +329,7 @@ def first_images_of(store, entry):
                 and e["n_examples"] > n and bool(e["done"][:n // chunk].all())):
             share = n / e["n_examples"]
             return dict(correct=e["correct"][:n].clone(), done=torch.ones(n // chunk, dtype=torch.bool),
-                        seconds=round(e["seconds"] * share, 2), date=e.get("date") or utils.now(),
+                        seconds=round(e["seconds"] * share, 2), date=e.get("date") or now(),
                         taken_from=f"the first {n} of its {e['n_examples']} images")
     return {}
 
@@ -363,7 +365,7 @@ def summary(store):
         key = worst_key(n, norm, eps) if eps is not None else f"worst case | first {n} test images"
         results[key] = dict(name="worst", attack=f"worst case over: {names} (per image)",
                             accuracy=accuracy(worst), n_examples=n, seed=None,
-                            date=utils.now(), seconds=0.0, eps=eps, norm=norm)
+                            date=now(), seconds=0.0, eps=eps, norm=norm)
     return results
 
 
@@ -390,7 +392,7 @@ def run_checks(model, x, y, args, store, save, full):
             r["curve_" + name].append(e["correct"])
             if radius == args.eps:
                 r[name], r["descs"][name] = e["correct"], e["attack"]
-    curve = dict(norm=args.norm, eps=args.eps, radii=rs, n_examples=n, seed=args.seed, date=utils.now(),
+    curve = dict(norm=args.norm, eps=args.eps, radii=rs, n_examples=n, seed=args.seed, date=now(),
                  pgd_attack=r["descs"]["pgd"], cw_attack=r["descs"]["cw"],
                  pgd=[accuracy(t) for t in r["curve_pgd"]], cw=[accuracy(t) for t in r["curve_cw"]])
     lines = [f"  robustness curve, first {n} test images: radius "
@@ -414,7 +416,7 @@ def run_checks(model, x, y, args, store, save, full):
     warned = [v["check"] for v in found if v["status"] == "WARN"]
     seconds = round(sum(v["seconds"] for v in used.values()), 1)  # the attacks' own time, resumed ones included
     pgd_seconds = next(v["seconds"] for v in used.values() if v["attack"] == r["descs"]["pgd"])
-    record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=utils.now(), seconds=seconds,
+    record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=now(), seconds=seconds,
                   warned=warned, checks=found,
                   attacks={d: accuracy(r[k]) for k, d in r["descs"].items()})
     lines.append(f"  gradient-masking checks, first {n} test images ({args.norm}, eps "
@@ -448,11 +450,11 @@ def main(argv=None):
     args.checkpoints = [run_folder_checkpoint(p) for p in args.checkpoints]
     # every results folder (and the pictures') must be writable before any work starts
     for path in args.checkpoints:
-        utils.check_writable(os.path.dirname(result_files(path, args)[0]), "--results-dir")
+        check_writable(os.path.dirname(result_files(path, args)[0]), "--results-dir")
     for flag, given in (("--spectrum-out", args.spectrum and args.spectrum_out),
                         ("--curve-out", (args.curve or args.checks) and args.curve_out)):
         if given:
-            utils.check_writable(os.path.dirname(os.path.abspath(given)), flag)
+            check_writable(os.path.dirname(os.path.abspath(given)), flag)
     for path in args.checkpoints:
         model, info = load_model(path, args, device)
         json_path, store_path = result_files(path, args)
@@ -471,15 +473,15 @@ def main(argv=None):
             " (wa)" if args.weights == "wa" else "")  # in the pictures
         record, store = read_results(json_path, store_path, fp, dict(checkpoint=path, **info))
         store["redone"] = []  # the attacks this command has run afresh
-        utils.remove_stale_temp_files(os.path.dirname(json_path))
+        remove_stale_temp_files(os.path.dirname(json_path))
 
         def save():  # per-image results after every chunk, the JSON view after every attack; both atomic
-            utils.save_checkpoint(store, store_path)
+            models.save_checkpoint(store, store_path)
 
         def write():  # results without per-image data (older files) stay; the stored attacks' are brought up to date
             old = {k: v for k, v in record["results"].items() if v.get("name") != "worst"}
             record["results"] = {**old, **summary(store)}
-            utils.write_json(record, json_path)
+            write_json(record, json_path)
 
         ran = {}
         for name in args.attacks:
@@ -517,9 +519,9 @@ def main(argv=None):
                 print(f"  k = {k:<28} {c:7.2f}  {r:7.2f}")
             key = f"{pgd_name} | {args.lowpass_window} window | first {n} test images | seed {args.seed}"
             record.setdefault("lowpass", {})[key] = dict(
-                attack=pgd_name, window=args.lowpass_window, n_examples=n, seed=args.seed, date=utils.now(),
+                attack=pgd_name, window=args.lowpass_window, n_examples=n, seed=args.seed, date=now(),
                 accuracy={str(k): dict(clean=round(c, 4), pgd=round(r, 4)) for k, (c, r) in lp.items()})
-            utils.write_json(record, json_path)
+            write_json(record, json_path)
         if args.spectrum:
             torch.manual_seed(args.seed)
             spec_map, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
@@ -528,9 +530,9 @@ def main(argv=None):
                   + " ".join(f"{v:.3g}" for v in prof.tolist()))
             key = f"{pgd_name} | first {n} test images | seed {args.seed}"
             record.setdefault("spectrum", {})[key] = dict(
-                attack=pgd_name, n_examples=n, seed=args.seed, date=utils.now(),
-                amplitude=utils.tidy(spec_map.tolist(), 5), radial_profile=utils.tidy(prof.tolist(), 5))
-            utils.write_json(record, json_path)
+                attack=pgd_name, n_examples=n, seed=args.seed, date=now(),
+                amplitude=tidy(spec_map.tolist(), 5), radial_profile=tidy(prof.tolist(), 5))
+            write_json(record, json_path)
             spectra.append((label, spec_map, prof))
         print(f"  results: {json_path}")
         out[path] = dict(record, ran=ran)
@@ -546,5 +548,106 @@ def main(argv=None):
     return out
 
 
+# ---------------------------------------------------------------- command-line plumbing (also report.py's and bench.py's)
+
+def parse_args(parser, argv=None):
+    """parser.parse_args, with every argparse error as one line (no usage block). Negative fractions (-8/255) are
+    read as values, not as unknown flags, so that the range checks can name the problem."""
+    def error(message):
+        raise SystemExit(f"error: {message} (--help lists the flags)")
+    parser.error = error
+    if hasattr(parser, "_negative_number_matcher"):
+        parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/[\d.]+)?$")
+    return parser.parse_args(argv)
+
+
+def require(ok, message):
+    if not ok:
+        raise SystemExit(f"error: {message}")
+
+
+def check_device(name):
+    """--device: a torch device that exists on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        require(torch.cuda.is_available(),
+                f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu")
+        require(device.index is None or device.index < torch.cuda.device_count(),
+                f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_writable(folder, flag="--out"):
+    """Creates `folder` and proves a file can be written there, before any work starts."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {folder} ({e.strerror}); pass {flag} to a writable folder") from None
+
+
+def remove_stale_temp_files(folder):
+    """Temp files of atomic writes (NAME.tmpPID) whose process is gone: a write that was killed. Returns them."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
+        m = re.search(r"\.tmp(\d+)$", path)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+        if not alive:
+            os.remove(path)
+            removed.append(os.path.basename(path))
+    return removed
+
+
+def write_json(obj, path):
+    models.atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
+
+
+def tidy(value, digits=6):
+    """Rounds floats to `digits` significant digits (no 7.999999821186066 or 0.010000000000000002 in the logs)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: tidy(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [tidy(v, digits) for v in value]
+    return value
+
+
+def now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_log(out_dir):
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cli(main):
+    """Entry point of eval.py, report.py and bench.py: a SystemExit with a message prints that one line."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; run the same command again to continue where it stopped") from None
+
+
 if __name__ == "__main__":
-    utils.cli(main)
+    cli(main)

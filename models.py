@@ -7,14 +7,23 @@ Parameter names follow the published checkpoints of each architecture, so their 
   preact_resnet18  Rice et al. 2020 / Wong et al. 2020 (conv1, layer1..4, bn, linear)
   resnet18         the common CIFAR ResNet-18 (conv1, bn1, layer1..4, shortcut, linear)
   wrn34_10/28_10   the TRADES / AWP WideResNet (conv1, block1..3, bn1, fc); the unused `sub_block1`
-                   of TRADES checkpoints is dropped on load (see utils.clean_state_dict)
+                   of TRADES checkpoints is dropped on load (see clean_state_dict)
   cnn              a small CNN for CPU runs and tests (43k parameters; 88.2% on Fashion-MNIST after 3 natural
                    epochs on a CPU, 90.0% after 5)
+Checkpoints: load_checkpoint reads any file with torch.load(weights_only=True), so nothing but tensors and plain
+values is ever unpickled; load_weights puts a state dict into a network, naming the problem in one line when it does
+not fit.
 """
+import os
+import pickle
+import zipfile
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "cnn")
+CKPT_FORMAT = "advtrain-checkpoint-v1"  # what the training scripts write into every checkpoint
 
 
 class PreActBlock(nn.Module):
@@ -182,3 +191,70 @@ def get_model(arch, num_classes, in_channels=3):
     if arch == "cnn":
         return SmallCNN(num_classes, in_channels)
     raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temp file beside `path` (NAME.tmpPID), fsync, rename: a write killed at any moment leaves
+    `path` as it was (and a temp file that the next run removes)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path, mmap=False):
+    """torch.load with weights_only=True; every failure is one line naming the problem and the fix."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"error: {path} is empty (0 bytes), not a torch checkpoint; use an intact copy")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+            raise SystemExit(f"error: refusing to load {path}: it holds Python objects other than tensors and plain "
+                             f"values (read with weights_only=True); re-save it as a plain state dict") from None
+        raise SystemExit(f"error: cannot read {path}: not a torch checkpoint ({first[:100]}); "
+                         f"use an intact copy") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SystemExit(f"error: cannot read {path}: the file is truncated or not a torch checkpoint "
+                         f"({first[:100]}); use an intact copy") from None
+
+
+def clean_state_dict(sd):
+    """Accepts what other code saves: DataParallel/DDP `module.` and torch.compile `_orig_mod.` prefixes,
+    AveragedModel's `n_averaged`, and the unused `sub_block1` of TRADES WideResNet checkpoints."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        if k != "n_averaged" and not k.startswith("sub_block1."):
+            out[k] = v
+    return out
+
+
+def load_weights(model, sd, what, arch):
+    """load_state_dict(strict) with a one-line error when the checkpoint is of another architecture."""
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f"error: {what} is not a state dict of tensors; pass a checkpoint written by this project "
+                         f"or a plain model.state_dict()")
+    sd = clean_state_dict(sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        show = lambda ks: ", ".join(ks[:3]) + (", ..." if len(ks) > 3 else "")
+        raise SystemExit(f"error: {what} does not fit arch {arch!r}: {len(missing)} missing keys ({show(missing)}), "
+                         f"{len(unexpected)} unexpected ({show(unexpected)}), {len(shapes)} of another shape "
+                         f"({show(shapes)}); pass the --arch and --dataset it was trained with")
+    model.load_state_dict(sd)

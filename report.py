@@ -25,7 +25,8 @@ import json
 import os
 
 import checks
-import utils
+import models
+import eval as tools  # the command-line plumbing eval.py, report.py and bench.py share
 
 CHECKPOINTS = (("best.pt", "model", "best"), ("last.pt", "model", "last"), ("wa_best.pt", "model", "wa best"),
                ("last.pt", "wa", "last, wa"))
@@ -39,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("runs", nargs="+", help="run folders (each with log.jsonl and checkpoints)")
     p.add_argument("--out", default=os.path.join("runs", "report"), help="folder for report.md, report.csv and "
                                                                             "curves.png")
-    args = utils.parse_args(p, argv)
+    args = tools.parse_args(p, argv)
     return args
 
 
@@ -107,9 +108,9 @@ def rows_of(run, log):
         if weights == "wa" and not results:
             continue  # last.pt's average appears only when it was evaluated
         if fname not in cks:
-            cks[fname] = utils.load_checkpoint(path, mmap=True)
+            cks[fname] = models.load_checkpoint(path, mmap=True)
         ck = cks[fname]
-        if not isinstance(ck, dict) or ck.get("format") != utils.CKPT_FORMAT:
+        if not isinstance(ck, dict) or ck.get("format") != models.CKPT_FORMAT:
             continue
         a, m = ck["args"], ck.get("metrics") or {}
         prefix = "wa_" if (weights == "wa" or ck.get("weights") == "wa") else ""
@@ -122,7 +123,7 @@ def rows_of(run, log):
         row.update(picked)
         row["checks"] = pick_checks(found, radius_of(results, a.get("eps")))
         rows.append(row)
-    last = cks.get("last.pt") or (utils.load_checkpoint(os.path.join(run, "last.pt"), mmap=True)
+    last = cks.get("last.pt") or (models.load_checkpoint(os.path.join(run, "last.pt"), mmap=True)
                                   if os.path.exists(os.path.join(run, "last.pt")) else {})
     milestones = last.get("args", {}).get("milestones", []) if isinstance(last, dict) else []
     return rows, milestones
@@ -249,11 +250,11 @@ def main(argv=None):
                 runs.append(run)
             else:
                 print(f"skipped {run}: not a run folder (no log.jsonl or checkpoints)")
-    utils.require(runs, "no run folders among the arguments; pass folders written by the training scripts")
-    utils.check_writable(args.out)
+    tools.require(runs, "no run folders among the arguments; pass folders written by the training scripts")
+    tools.check_writable(args.out)
     rows, curves = [], []
     for run in runs:
-        log = utils.read_log(run)
+        log = tools.read_log(run)
         run_rows, milestones = rows_of(run, log)
         rows += run_rows
         if log:
@@ -273,4 +274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    tools.cli(main)

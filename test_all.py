@@ -36,7 +36,6 @@ import models
 import sar
 import spectral
 import trades
-import utils
 import wa
 
 torch.set_num_threads(2)
@@ -273,7 +272,7 @@ def test_ema_matches_hand_computation():
         history = []
         for t in range(4):
             set_weights(model, t)
-            wa.after_step(avg, model, "ema")
+            avg.update_parameters(model)  # what every method file does after each optimiser step
             history.append({k: v.clone() for k, v in model.state_dict().items()})
         for k in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
             e = history[0][k]
@@ -291,8 +290,11 @@ def test_swa_matches_hand_computation_and_recomputes_batchnorm():
     for epoch in range(5):
         set_weights(model, epoch)
         ws.append({k: v.clone() for k, v in model.state_dict().items()})
-        ready = wa.after_epoch(avg, model, "swa", epoch, start_epoch=2, bn_batches=lambda: [(xs, None)])
-        assert ready == (epoch >= 2)
+        if epoch >= 2:  # what every method file does at the end of an epoch from the first milestone on
+            avg.update_parameters(model)
+            with torch.no_grad():
+                at.update_bn([(xs, None)], avg.module)
+        assert int(avg.n_averaged) == max(0, epoch - 1)
     sd = avg.module.state_dict()
     for k in ("0.weight", "0.bias", "1.weight", "1.bias"):
         assert torch.allclose(sd[k], sum(w[k] for w in ws[2:]) / 3, atol=1e-6)
@@ -545,6 +547,7 @@ def at_args(root, out, *extra):
             "--batch-size", "32", "--val-size", "40", "--out", str(out), "--device", DEV, *extra]
 
 
+@pytest.mark.slow
 def test_at_trains_logs_checkpoints_and_eval_reads_them(cifar, tmp_path):
     root, _ = cifar
     out = tmp_path / "run"
@@ -557,7 +560,7 @@ def test_at_trains_logs_checkpoints_and_eval_reads_them(cifar, tmp_path):
     assert log[0]["wa_val_pgd"] is None and log[2]["wa_val_pgd"] is not None  # SWA starts at the milestone
     for name in ("last.pt", "best.pt", "wa_best.pt"):
         ck = torch.load(out / name, weights_only=True)
-        assert ck["format"] == utils.CKPT_FORMAT and ck["arch"] == "cnn" and ck["args"]["epochs"] == 3
+        assert ck["format"] == models.CKPT_FORMAT and ck["arch"] == "cnn" and ck["args"]["epochs"] == 3
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["metrics"]["val_pgd"] == max(r["val_pgd"] for r in log)
     res = ev([str(out / "last.pt"), "--attacks", "clean", "fgsm", "pgd", "cw", "aa", "--n-examples", "12",
@@ -619,6 +622,7 @@ def kill_and_resume(root, out, monkeypatch, owner, name, dying):
     at.main(at_args(root, out, "--wa", "--resume"))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(cifar, tmp_path, monkeypatch):
     root, _ = cifar
     ref = tmp_path / "ref"
@@ -701,6 +705,7 @@ def fmnist_runs(tmp_path_factory):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_adversarial_training_buys_robustness_on_real_images(fmnist_runs, capsys):
     """What adversarial training is for: the AT model keeps far more of its accuracy under PGD-20."""
     nat_ck, at_ck = str(fmnist_runs / "natural" / "last.pt"), str(fmnist_runs / "at" / "last.pt")
@@ -747,6 +752,7 @@ class Noisy(nn.Module):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_checks_warn_on_masked_models_and_pass_honest_ones(fmnist_runs, tmp_path, monkeypatch, capsys):
     """eval.py --checks on the honest natural and PGD-AT models (every check passes) and on three deliberately
     masked versions of the natural model, each of which must raise the WARNs of its kind of masking, and not the
@@ -837,6 +843,7 @@ def test_check_thresholds_follow_the_stated_rule():
         assert got["numbers"]["disagree"] == d and abs(got["gap"] - gap) < 1e-3
 
 
+@pytest.mark.slow
 def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, capsys):
     """Every number of eval.py --checks is the stored result of an attack on the same images, recomputed here
     slowly: each PGD / CW restart on all images from the chunk's own seed, Square on the images every white-box
@@ -1110,13 +1117,13 @@ def test_weight_average_is_never_dropped_or_faked(cifar, tmp_path, capsys):
 
 def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, capsys):
     seen = []
-    real = wa.update_bn
+    real = at.update_bn
 
     def counting(loader, model, *a, **k):
         batches = list(loader)
         seen.append(sum(len(b[0]) for b in batches))
         return real(batches, model, *a, **k)
-    monkeypatch.setattr(wa, "update_bn", counting)
+    monkeypatch.setattr(at, "update_bn", counting)
     run = tmp_path / "run"
     at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "2", "--milestones", "1", "--wa", "--wa-mode",
              "swa", "--batch-size", "32", "--max-batches", "2", "--val-size", "50", "--out", str(run), "--device", DEV])
@@ -1140,7 +1147,7 @@ def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, 
             crafted.append((model.training, x, out, a, k))
         return out
     monkeypatch.setattr(attacks, "pgd", recording_pgd)
-    monkeypatch.setattr(wa, "update_bn", lambda loader, model: passed.extend(b[0] for b in loader))
+    monkeypatch.setattr(at, "update_bn", lambda loader, model: passed.extend(b[0] for b in loader))
     at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "2", "--milestones", "1", "--wa", "--wa-mode",
              "swa", "--wa-bn", "adversarial", "--batch-size", "32", "--max-batches", "2", "--val-size", "0",
              "--steps", "3", "--out", str(tmp_path / "adv"), "--device", DEV])
@@ -1211,14 +1218,20 @@ def test_readme_explains_itself():
     lines = {f: sum(1 for _ in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)))
              for f in os.listdir(os.path.dirname(os.path.abspath(__file__))) if f.endswith(".py")}
     rows = re.findall(r"^\| `(\w+\.py)` \|.*\((\d+)(?: lines)?\) \|$", readme, re.M)
-    assert {f for f, _ in rows} == {"wa.py", "attacks.py", "models.py", "data.py", "utils.py"}
+    assert {f for f, _ in rows} == {"wa.py", "attacks.py", "models.py", "data.py"}
     for f, n in rows:
         assert lines[f] == int(n), (f, n)
     counts = re.search(r"the methods \(([\d, ]+) lines\)", readme).group(1)
     methods = ("at.py", "sar.py", "iseat.py", "trades.py", "mart.py")
     assert [int(c) for c in counts.split(", ")] == [lines[f] for f in methods]
-    shared = sum(lines[f] for f in ("attacks.py", "data.py", "models.py", "utils.py", "wa.py"))
-    assert f"sar.py with them is {shared + lines['sar.py']:,} lines, of which {shared:,} are shared" in readme
+    shared = sum(lines[f] for f in ("attacks.py", "data.py", "models.py", "wa.py"))
+    assert f"sar.py with\nthem is {shared + lines['sar.py']:,} lines, of which {shared:,} are the four modules" in readme
+    # the lines of each copyable function, as the README's table gives them
+    for method, name in (("PGD-AT", "at"), ("SAR", "sar"), ("ISEAT", "iseat"), ("TRADES", "trades"), ("MART", "mart")):
+        row = re.search(rf"^\| {method} \| .*? \| ([\d +]+) = (\d+) \|", readme, re.M)
+        assert row, method
+        total = copied(sys.modules[name], METHOD_FUNCTIONS[name])[1]
+        assert int(row.group(2)) == total == sum(int(v) for v in row.group(1).split(" + ")), (method, total)
 
 
 # ---------------------------------------------------------------- bad input: one clear line each
@@ -1248,8 +1261,8 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
         data.load("cifar100", str(tmp_path / "empty"))
     # a run that cannot start leaves no folder behind, also when it fails after the flags (here: no data)
     with pytest.raises(SystemExit, match="cifar100 not found"):  # through the scripts' entry point, as a user runs it
-        utils.cli(lambda: at.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"), "--out",
-                                   str(tmp_path / "made" / "run"), "--device", DEV]))
+        at.cli(["--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"), "--out",
+                str(tmp_path / "made" / "run"), "--device", DEV])
     assert not (tmp_path / "made").exists()
     with pytest.raises(SystemExit, match="tiny_imagenet not found"):
         data.load("tiny_imagenet", str(tmp_path / "empty"), download=False)
@@ -1344,6 +1357,7 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_errors_print_once_under_torchrun(tmp_path):
     """Every rank runs the same checks; only rank 0 prints the line."""
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1792,6 +1806,46 @@ def test_report_writes_the_table_and_the_curves(cifar, tmp_path):
 # ---------------------------------------------------------------- several processes (torchrun, gloo on the CPU)
 
 
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch (torch's SyncBatchNorm, which takes
+    only GPU tensors, for gloo/CPU processes): the per-rank sums are all-reduced with autograd, so the gradient is
+    the one-process gradient once DDP has averaged it. Same parameters, buffers and running-statistics update as
+    BatchNorm2d."""
+
+    def forward(self, x):
+        import torch.distributed as dist
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        dims = (0, 2, 3)
+        count = all_reduce(torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device))
+        mean = all_reduce(x.sum(dims)) / count
+        var = all_reduce(((x - mean[None, :, None, None]) ** 2).sum(dims)) / count  # two passes: as exact as BN's
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                self.running_var.mul_(1 - f).add_(var.detach() * count / (count - 1), alpha=f)
+        y = (x - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None] if self.affine else y
+
+
+def global_batchnorm(model, process_group=None):
+    """Stands in for nn.SyncBatchNorm.convert_sync_batchnorm in the torchrun tests (LAUNCHER): every BatchNorm2d
+    computes its training statistics over the global batch with GlobalBatchNorm2d, which gloo's CPU processes run."""
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            ref = child.running_mean if child.running_mean is not None else child.weight
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats, device=ref.device, dtype=ref.dtype)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            global_batchnorm(child)
+    return model
+
+
 LAUNCHER = '''
 import importlib, os, signal, sys
 sys.path.insert(0, {repo!r})
@@ -1817,19 +1871,21 @@ if os.environ.get("CIFAR_ROOT"):  # synthetic CIFAR-10 files: their own checksum
     tvd.CIFAR10.meta = dict(tvd.CIFAR10.meta, md5=md5(tvd.CIFAR10.meta["filename"]))
 if os.environ.get("DIE") and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
     # RANK:N: that worker kills itself with SIGKILL at its N-th training batch, in the group's first attempt
-    import utils
+    import data
     rank, n = os.environ["DIE"].split(":")
-    real_batches, seen = utils.train_batches, []
+    real_batches, seen = data.batches, []
     def batches(*a, **k):
         for b in real_batches(*a, **k):
             seen.append(1)
             if len(seen) == int(n) and os.environ.get("RANK") == rank:
                 os.kill(os.getpid(), signal.SIGKILL)
             yield b
-    utils.train_batches = batches
-import utils
+    data.batches = batches
+# --sync-bn on CPU processes: nn.SyncBatchNorm takes GPU tensors only, so the test's GlobalBatchNorm2d stands in
+import test_all
+torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(test_all.global_batchnorm)
 result = []  # through the scripts' own entry point: its one-line errors
-utils.cli(lambda: result.append(importlib.import_module(sys.argv[1]).main(sys.argv[2:])))
+result.append(importlib.import_module(sys.argv[1]).cli(sys.argv[2:]))
 model, avg = result[0]
 torch.save({{"model": model.state_dict(), "wa": avg.module.state_dict() if avg is not None else None}},
            os.path.join(os.environ["STATE_DIR"], "rank%s.pt" % os.environ.get("RANK", "single")))
@@ -1894,6 +1950,7 @@ DDP_ARGS = ["--dataset", "synthetic", "--arch", "cnn", "--max-batches", "3", "--
 METHOD_ARGS = {"at": [], "sar": [], "iseat": ["--random-start"], "trades": [], "mart": []}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["at", "sar", "iseat", "trades", "mart"])
 def test_torchrun_gives_the_one_process_result(cifar, tmp_path, method):
     # Every method on 2 processes with --sync-bn is the one-process method: BatchNorm over the global batch, the
@@ -1921,6 +1978,7 @@ def test_torchrun_gives_the_one_process_result(cifar, tmp_path, method):
             assert_close_states(per_rank["0"], single["single"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_without_batchnorm_matches_single_process_and_resumes(tmp_path):
     # no batch statistics: SAR (its DFT over the gathered global batch) on 2 processes is the one-process SAR, with
     # or without --sync-bn
@@ -1945,6 +2003,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_and_elastic_restarts(tmp_path):
     args = DDP_ARGS + ["--epochs", "3", "--wa"]
     one_node, _ = launch(tmp_path, "at", args + ["--out", str(tmp_path / "one")])
@@ -1975,6 +2034,7 @@ def test_two_nodes_and_elastic_restarts(tmp_path):
     assert outs.count("error: rank 0 lost contact with the other processes") == 1, outs[-3000:]
 
 
+@pytest.mark.slow
 def test_bench_mode_prints_throughput_and_keeps_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     small = ["--bench", "--dataset", "synthetic", "--arch", "cnn", "--max-batches", "2", "--batch-size", "16",
@@ -1993,6 +2053,7 @@ def test_bench_mode_prints_throughput_and_keeps_nothing(tmp_path, monkeypatch, c
     assert passes == [23, 26, 27, 26, 29]
 
 
+@pytest.mark.slow
 def test_bench_py_prints_the_speed_table_and_writes_json(tmp_path):
     import bench
     res = bench.main(["--quick", "--out", str(tmp_path / "bench.json"), "--device", DEV])
@@ -2036,18 +2097,18 @@ def test_schedules_follow_the_released_scripts_epoch_conventions(cifar, tmp_path
     for epoch in range(200):
         for i in (0, nb - 2, nb - 1):
             t = epoch + (i + 1) / nb
-            assert utils.set_lr(opt, a, t) == pytest.approx(rice(t)), (epoch, i)
+            assert at.lr_at(a, t) == pytest.approx(rice(t)), (epoch, i)
     for module in (trades, mart):
         a = module.get_args(["--released"])
-        assert [utils.set_lr(opt, a, e - 1) for e in range(1, 77)] == pytest.approx([trades_mart(e) for e in
+        assert [module.lr_at(a, e - 1) for e in range(1, 77)] == pytest.approx([trades_mart(e) for e in
                                                                                      range(1, 77)])
         a = module.get_args(["--released", "--epochs", "120"])  # MART's ResNet-18 script: 120 epochs
-        assert [utils.set_lr(opt, a, e - 1) for e in range(1, 121)] == pytest.approx([trades_mart(e) for e in
+        assert [module.lr_at(a, e - 1) for e in range(1, 121)] == pytest.approx([trades_mart(e) for e in
                                                                                       range(1, 121)])
     a = sar.get_args([])
-    assert [utils.set_lr(opt, a, e) for e in range(100)] == pytest.approx([from_zero(e, (75, 90)) for e in range(100)])
+    assert [sar.lr_at(a, e) for e in range(100)] == pytest.approx([from_zero(e, (75, 90)) for e in range(100)])
     a = iseat.get_args([])
-    assert [utils.set_lr(opt, a, e) for e in range(200)] == pytest.approx([from_zero(e, (100, 150))
+    assert [iseat.lr_at(a, e) for e in range(200)] == pytest.approx([from_zero(e, (100, 150))
                                                                            for e in range(200)])
     # at.py sets the lr before every step, as Rice et al.: the last step of the epoch before a milestone already
     # runs at the lower lr (4 epochs, milestones 2 and 3 = Rice's 1/2 and 3/4 of the run)
@@ -2175,6 +2236,7 @@ def test_method_is_one_copyable_function_and_is_the_scripts_step(cifar, tmp_path
         assert torch.allclose(p.grad, g, atol=1e-6), method
 
 
+@pytest.mark.slow
 def test_torchrun_grey_images_make_no_gradient_copies(tmp_path):
     # a grey-image network's first conv is 16 x 1 x 3 x 3: a gradient that sums two forwards' contributions (SAR's
     # adversarial and clean branches) got strides other than its parameter's in that size-1 dimension, and DDP
@@ -2213,6 +2275,7 @@ def test_awp_step_at_the_perturbed_point_differs_only_through_weight_decay():
         assert (-lr * 0.05 * gamma * v[k]).abs().max() > 1e-6  # well above the tolerance
 
 
+@pytest.mark.slow
 def test_autoattack_resumes_inside_a_component_and_equals_the_standard_evaluation(tmp_path, monkeypatch):
     from pyautoattack import AutoAttack
     torch.manual_seed(0)
@@ -2285,3 +2348,109 @@ def test_report_puts_a_row_on_the_same_images():
     assert report.pick_row(res, train_eps=8 / 255)[0]["pgd"]["accuracy"] == 50.0
     row, _ = report.pick_row(res, train_eps=0)
     assert row["pgd"]["accuracy"] == 60.0 and row["cw"]["accuracy"] == 59.0 and row["clean"]["accuracy"] == 80.0
+
+
+# ---------------------------------------------------------------- each method file is the whole program
+
+METHOD_FILES = ("at.py", "sar.py", "iseat.py", "trades.py", "mart.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def shared_blocks(path):
+    """The run code a method file marks as shared: {name: text}, from '# ---- shared run code: NAME ----' to the next
+    '# ---- end shared ----' at the same indentation."""
+    import re
+    text = open(os.path.join(HERE, path)).read()
+    blocks = re.findall(r"^( *)# ---- shared run code: (.+?) ----\n(.*?)^\1# ---- end shared ----\n", text, re.S | re.M)
+    names = [name for _, name, _ in blocks]
+    assert len(names) == len(set(names)), (path, names)
+    return {name: indent + body for indent, name, body in blocks}
+
+
+def test_shared_run_code_is_the_same_block_in_every_method_file():
+    reference = shared_blocks("at.py")
+    assert set(reference) == {"the flags", "set-up", "the epoch's start", "the end of the epoch", "the end of the run",
+                              "helpers"}
+    assert sum(len(b.splitlines()) for b in reference.values()) > 200  # the run really is in the file
+    for path in METHOD_FILES[1:]:
+        blocks = shared_blocks(path)
+        assert set(blocks) == set(reference), path
+        for name, body in reference.items():
+            if blocks[name] != body:  # name the first line that drifted
+                import difflib
+                diff = "\n".join(list(difflib.unified_diff(body.splitlines(), blocks[name].splitlines(), "at.py", path,
+                                                           lineterm=""))[:12])
+                raise AssertionError(f"the shared block '{name}' of {path} differs from at.py's:\n{diff}")
+    # a block that drifted is caught: the check itself can fail
+    drifted = {**reference, "set-up": reference["set-up"].replace("world > 1", "world >= 1", 1)}
+    assert drifted != reference
+
+
+def test_method_files_import_only_the_four_shared_modules():
+    import ast
+    own = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
+    for path in METHOD_FILES:
+        tree = ast.parse(open(os.path.join(HERE, path)).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert names & own <= {"models", "data", "attacks", "wa"}, (path, names & own)
+
+
+@pytest.mark.slow
+def test_a_method_file_with_the_four_modules_runs_anywhere(tmp_path):
+    # a whole-file copy: sar.py with models.py, data.py, attacks.py and wa.py in an empty folder, nothing else on the
+    # path: training with a weight average, --resume, and --bench (which printed "No module named 'bench'" before)
+    import shutil
+    for f in ("sar.py", "models.py", "data.py", "attacks.py", "wa.py"):
+        shutil.copy(os.path.join(HERE, f), tmp_path / f)
+    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="2")
+    run = lambda *a: subprocess.run([sys.executable, "sar.py", "--dataset", "synthetic", "--arch", "cnn",  # noqa
+                                     "--batch-size", "16", "--max-batches", "2", "--device", "cpu", *a],
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = run("--bench", "--wa")
+    assert r.returncode == 0 and "benchmark:" in r.stdout and "TFLOP/s achieved" in r.stdout, r.stderr[-2000:]
+    r = run("--epochs", "1", "--milestones", "--wa", "--val-size", "20", "--out", "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("--epochs", "2", "--milestones", "--wa", "--val-size", "20", "--out", "run", "--resume")
+    assert r.returncode == 0 and "resumed run/last.pt at epoch 1" in r.stdout, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "run")) == ["best.pt", "last.pt", "log.jsonl", "wa_best.pt"]
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "run" / "log.jsonl")] == [1, 2]
+
+
+def test_copied_functions_in_foreign_settings():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    # rank_weights builds its weights in one dtype, also under float64 as torch's default
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = iseat.rank_weights(torch.tensor([0.3, -1.0, 2.0, 0.3]))
+    finally:
+        torch.set_default_dtype(old)
+    assert w.tolist() == [2 / 4, 1 / 4, 4 / 4, 3 / 4] and w.dtype == torch.float64
+    # awp_perturbed takes the network with or without its wrapper: the names of v may carry DDP's "module." prefix
+    inner = models.get_model("cnn", 10).train()
+
+    class Wrapper(nn.Module):  # names its parameters as DistributedDataParallel does: module.<name>
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+    wrapped = Wrapper(inner)
+    _, _, _, v = iseat.iseat_objective(wrapped, x, y, steps=1)
+    assert all(n.startswith("module.") for n in v)
+    before = {k: t.clone() for k, t in inner.state_dict().items()}
+    with iseat.awp_perturbed(inner, v, 7e-3):  # the inner module, the wrapper's names
+        moved = [n for n, t in inner.state_dict().items() if not torch.equal(t, before[n])]
+    assert sorted(moved) == sorted(n[len("module."):] for n in v)
+    assert all(torch.equal(t, before[n]) for n, t in inner.state_dict().items())  # back, bitwise
+    with pytest.raises(ValueError, match="nn.DataParallel cannot run the perturbed forward.*pass model.module"):
+        iseat.iseat_objective(nn.DataParallel(inner), x, y, steps=1)
+    # sar_objective, trades_objective and mart_objective leave the network in the mode they were given
+    for objective in (sar.sar_objective, trades.trades_objective, mart.mart_objective):
+        for mode in (False, True):
+            inner.train(mode)
+            objective(inner, x, y, steps=1)
+            assert inner.training == mode, (objective.__name__, mode)

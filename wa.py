@@ -9,10 +9,18 @@ swa  the SAR paper's WA: an equal running average of the end-of-epoch weights fr
      difference).
 ema  Gowal et al. 2020 / Rebuffi et al. 2021: after every optimiser step avg <- d * avg + (1 - d) * w with
      d = 0.999 (with --wa-warmup: d_t = min(d, (1 + t) / (10 + t)), t = updates so far); BatchNorm buffers too.
-Save avg.module.state_dict() (no `module.` prefix, no n_averaged) and n_averaged beside it.
+The method files call AveragedModel's own update_parameters (EMA: after every optimiser step; SWA: at the end of
+each epoch from the first milestone, then torch.optim.swa_utils.update_bn) and save avg.module.state_dict() (no
+`module.` prefix, no n_averaged) with n_averaged beside it.
 """
+import math
+
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import attacks
+import data
 
 
 def ema_warmup_fn(decay):
@@ -28,28 +36,27 @@ def ema_warmup_fn(decay):
 
 
 def averaged(model, mode, decay=0.999, warmup=False):
+    """The weight average of `model`: swa (equal average of the parameters; BatchNorm buffers left to update_bn) or
+    ema (decay d, optionally warmed up; BatchNorm buffers averaged too)."""
     if mode == "swa":
-        return AveragedModel(model)  # default: equal average of the parameters, buffers left to update_bn
+        return AveragedModel(model)
     if mode == "ema":
         fn = ema_warmup_fn(decay) if warmup else get_ema_multi_avg_fn(decay)
         return AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
     raise SystemExit(f"error: unknown --wa-mode {mode!r}; use swa or ema")
 
 
-def after_step(avg, model, mode):
-    """Called after every optimiser step: the EMA update."""
-    if avg is not None and mode == "ema":
-        avg.update_parameters(model)
-
-
-def after_epoch(avg, model, mode, epoch, start_epoch, bn_batches):
-    """Called at the end of every epoch: the SWA update (from `start_epoch`, the first milestone) and the BatchNorm
-    recomputation with `bn_batches()`, an iterable of training batches (clean, or adversarial with --wa-bn
-    adversarial: see utils.bn_batches). Returns whether avg holds weights."""
-    if avg is None:
-        return False
-    if mode == "swa" and epoch >= start_epoch:
-        avg.update_parameters(model)
-        with torch.no_grad():
-            update_bn(bn_batches(), avg.module)
-    return int(avg.n_averaged) > 0
+def bn_batches(ds, args, model, n, mem, world):
+    """SWA's BatchNorm pass: batches of 512 training images (crop + flip), n in all (what an epoch trains on). With
+    --wa-bn adversarial, PGD examples of them (the training attack, random start) crafted against `model` in eval
+    mode: the statistics a model trained on adversarial batches only (PGD-AT) was trained with. With --sync-bn each
+    process passes its share of every batch (statistics of the whole batch); else every process passes all."""
+    rank, world = (dist.get_rank(), world) if args.sync_bn and world > 1 else (0, 1)
+    adversarial = args.wa_bn == "adversarial" and args.eps > 0
+    for x, y, z in data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], rank=rank,
+                                world=world, max_batches=math.ceil(n / 512), memory_format=mem,
+                                noise="uniform" if adversarial else None):
+        if adversarial:
+            with attacks.frozen(model), torch.enable_grad():  # the pass itself runs under no_grad
+                x = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, random_start=True, noise=z)
+        yield x, y
