@@ -22,10 +22,10 @@ def cw_loss(logits, y):
 def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, loss="ce", norm="Linf", noise=None):
     """Projected gradient ascent on `loss` ("ce", or "cw": the margin of cw_loss) within the eps-ball around x and
     the [0,1] box; returns x' detached. L-inf: sign steps; L2: steps along the normalised gradient. The random start
-    is x + U(-eps, eps) (L2: a uniform direction at a radius uniform in [0, eps]); `noise` (L-inf only) is the U(0, 1)
-    draw to take it from (default: drawn here; the training loops pass one drawn for the global batch, so that N
-    processes start where one would). Input gradients only: no parameter gradient is computed or left behind.
-    Needs torch, torch.nn.functional as F and cw_loss."""
+    is x + U(-eps, eps) (L2: a uniform direction at a radius uniform in [0, eps], as Rice et al.); `noise` is the draw
+    to take it from, U(0, 1) for L-inf, a point of the unit ball for L2 (default: drawn here; the training loops pass
+    one drawn for the global batch, so that N processes start where one would). Input gradients only: no parameter
+    gradient is computed or left behind. Needs torch, torch.nn.functional as F and cw_loss."""
     if loss not in ("ce", "cw"):
         raise ValueError(f"unknown attack loss {loss!r}; use 'ce' or 'cw'")
     x = x.detach()
@@ -36,6 +36,8 @@ def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, lo
     elif norm == "Linf":
         u = torch.rand_like(x) if noise is None else noise
         delta = u * (2 * eps) - eps
+    elif noise is not None:  # a point of the unit ball, drawn by the caller
+        delta = noise * eps
     else:
         delta = torch.randn_like(x)
         delta = delta / l2(delta) * eps * torch.rand(len(x), device=x.device).view(per_image)
@@ -218,6 +220,8 @@ def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1, queries
         return f"Square-{queries} ({norm}, eps {e}, on the images every white-box attack at eps left robust)"
     if name == "aa":
         return f"AutoAttack standard ({norm}, eps {e})"
+    if name == "aa-rand":
+        return f"AutoAttack rand ({norm}, eps {e}, APGD-CE and APGD-DLR with EOT over 20 passes)"
     if name == "fgsm":
         return f"FGSM ({norm}, eps {e}, one step of size eps, no random start)"
     a = radius(alpha, norm)

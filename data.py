@@ -292,8 +292,9 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
     settings (load()["augment"]). With world > 1 every global batch of `batch_size` is split across ranks and rank
     `rank` gets its part (torch.tensor_split: contiguous shards in rank order): the permutation and the augmentation
     are drawn for the global batch from `seed`, so the data equal those of a single-process run. `noise` ("uniform":
-    U(0, 1), "normal": N(0, 1), or None) is drawn the same way, one tensor shaped like the global batch, of which
-    the rank gets its share: the random start of a training attack, the same for any number of processes."""
+    U(0, 1), "normal": N(0, 1), "ball": a point of the unit L2 ball per image, or None) is drawn the same way, one
+    tensor shaped like the global batch, of which the rank gets its share: the random start of a training attack, the
+    same for any number of processes."""
     n = len(x)
     # with a seed, order, augmentation and noise come from a generator of their own: they do not depend on how much
     # randomness the training step draws, so they are the same for any number of processes
@@ -306,9 +307,12 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
         if augment:  # drawn for the whole global batch, identical on every rank and to a single-process run
             xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
         z = None
-        if noise is not None:
-            draw = torch.rand if noise == "uniform" else torch.randn
-            z = draw(xb.shape, device=x.device, generator=g)
+        if noise in ("uniform", "normal"):
+            z = (torch.rand if noise == "uniform" else torch.randn)(xb.shape, device=x.device, generator=g)
+        elif noise == "ball":  # uniform direction, radius uniform in [0, 1] (the L2 random start of Rice et al.)
+            z = torch.randn(xb.shape, device=x.device, generator=g)
+            r = torch.rand(len(xb), device=x.device, generator=g)
+            z = z * (r / z.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *([1] * (z.dim() - 1)))
         if world > 1:
             xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
             z = z.tensor_split(world)[rank] if z is not None else None

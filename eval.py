@@ -42,6 +42,7 @@ import time
 import zlib
 
 import torch
+import torch.distributed as dist
 
 import attacks
 import checks
@@ -49,22 +50,40 @@ import data
 import models
 import spectral
 
-ATTACKS = ("clean", "fgsm", "pgd", "cw", "aa")
-NAMES = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "aa": "AutoAttack"}
+ATTACKS = ("clean", "fgsm", "pgd", "cw", "aa")  # the default set; aa-rand (AutoAttack with EOT) on request
+NAMES = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD", "cw": "CW", "aa": "AutoAttack", "aa-rand": "AutoAttack rand"}
+# normalisations that checkpoints trained on normalised inputs expect inside the model (--normalize)
+PRESETS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+           "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+           "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate checkpoints with clean / FGSM / PGD / CW / AutoAttack accuracy")
     p.add_argument("checkpoints", nargs="+", help="this project's checkpoints, or bare state dicts with --arch")
-    p.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS)
+    p.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS + ("aa-rand",),
+                   help="aa-rand: AutoAttack version='rand' (APGD-CE and APGD-DLR with EOT) for randomised models")
     p.add_argument("--weights", default="model", choices=["model", "wa"], help="raw weights or the weight average")
     p.add_argument("--arch", default=None, help="for bare state dicts: " + ", ".join(models.ARCHS))
     p.add_argument("--dataset", default=None, help="for bare state dicts: " + ", ".join(data.DATASETS))
     p.add_argument("--data-dir", default=None, help="default: the one the checkpoint was trained with, else data")
     p.add_argument("--n-examples", type=int, default=10000, help="the first N test images")
     p.add_argument("--batch-size", type=int, default=500, help="also the chunk whose results are kept as it ends")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's training norm, "
+                                                                         "else Linf")
     p.add_argument("--eps", type=attacks.fraction, default=None, help="radius (default 8/255 for Linf, 0.5 for L2)")
+    p.add_argument("--model", default=None, metavar="FILE.py:FUNCTION",
+                   help="a network this project does not define: FUNCTION() in FILE.py returns the nn.Module whose "
+                        "state dict the checkpoint holds (FILE.py is executed as code; the weights are read with "
+                        "weights_only=True); give --dataset")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="per-channel mean the model was trained to subtract: the normalisation goes inside the "
+                        "evaluated model, so that attacks work on [0, 1] pixels")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std, with --mean")
+    p.add_argument("--normalize", default=None, choices=sorted(PRESETS), help="--mean/--std of a named preset")
+    p.add_argument("--robustbench", action="store_true",
+                   help="RobustBench's protocol (standard AutoAttack on the first 10,000 test images, Linf 8/255 or "
+                        "L2 0.5) and a model_info JSON for a leaderboard entry, beside the results")
     p.add_argument("--alpha", type=attacks.fraction, default=None, help="PGD/CW step (default eps/4)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--cw-steps", type=int, default=30)
@@ -88,12 +107,32 @@ def get_args(argv=None):
     p.add_argument("--curve-out", default=None, help="PNG path of the curve (default: as --spectrum-out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="torchrun: seconds a process waits for the others (a round of AutoAttack chunks can be long)")
     args = parse_args(p, argv)
-    args.eps = args.eps if args.eps is not None else (8 / 255 if args.norm == "Linf" else 0.5)
+    if args.robustbench:  # the protocol, whatever else was asked
+        for flag, given, value in (("--n-examples", args.n_examples, 10000), ("--attacks", args.attacks, ["clean", "aa"])):
+            require(given == p.get_default(flag[2:].replace("-", "_")) or given == value,
+                    f"--robustbench fixes {flag} to {value}; leave {flag} out")
+        args.n_examples, args.attacks = 10000, ["clean", "aa"]
+        require(args.eps is None or abs(args.eps - (8 / 255 if args.norm != "L2" else 0.5)) < 1e-9,
+                "--robustbench evaluates at Linf 8/255 or L2 0.5; leave --eps out")
+    if args.normalize:
+        require(args.mean is None and args.std is None, "--normalize is a preset of --mean/--std: give one or the other")
+        args.mean, args.std = PRESETS[args.normalize]
+    require((args.mean is None) == (args.std is None) and (args.mean is None or len(args.mean) == len(args.std)),
+            "--mean and --std go together, one value per channel each (e.g. --mean 0.4914 0.4822 0.4465 --std 0.2471 "
+            "0.2435 0.2616, or --normalize cifar10)")
+    require(args.std is None or all(s > 0 for s in args.std), "--std: every value must be positive")
+    require(args.model is None or (args.model.count(":") == 1 and args.model.split(":")[0].endswith(".py")),
+            f"--model {args.model}: give FILE.py:FUNCTION, FUNCTION() returning the network")
+    args.given_eps, args.given_alpha = args.eps, args.alpha  # per checkpoint, the defaults follow its norm
+    norm = args.norm or "Linf"
+    args.eps = args.eps if args.eps is not None else (8 / 255 if norm == "Linf" else 0.5)
     args.alpha = args.alpha if args.alpha is not None else args.eps / 4
     require(args.n_examples >= 1, f"--n-examples {args.n_examples}: evaluate at least 1 image")
     require(args.batch_size >= 1, f"--batch-size {args.batch_size}: use a positive batch size, e.g. 500")
-    require(args.eps > 0 and (args.norm == "L2" or args.eps <= 1),
+    require(args.eps > 0 and (norm == "L2" or args.eps <= 1),
                   f"--eps {attacks.radius(args.eps, digits=6)}: L-inf radii are in (0, 1] pixel units (8/255, not 8)")
     require(args.alpha > 0, f"--alpha {args.alpha:g}: use a positive step")
     require(args.pgd_steps >= 1 and args.cw_steps >= 1, "--pgd-steps and --cw-steps: use at least 1 step")
@@ -107,9 +146,54 @@ def get_args(argv=None):
     return args
 
 
+class Normalized(torch.nn.Module):
+    """The evaluated model with its input normalisation inside: attacks and radii stay in [0, 1] pixel units."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.model((x - self.mean) / self.std)
+
+
+def external_model(spec):
+    """--model FILE.py:FUNCTION: FUNCTION() of FILE.py (executed as code), the network a state dict belongs to."""
+    import importlib.util
+    path, name = spec.split(":")
+    require(os.path.isfile(path), f"--model {spec}: {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"external_{zlib.crc32(path.encode())}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))  # its own imports, beside it
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    require(callable(getattr(module, name, None)), f"--model {spec}: {path} defines no function {name}")
+    model = getattr(module, name)()
+    require(isinstance(model, torch.nn.Module), f"--model {spec}: {name}() returned {type(model).__name__}, not an "
+                                                f"nn.Module")
+    return model
+
+
 def load_model(path, args, device):
-    """Builds the model a checkpoint was trained as and loads its weights. Returns (model, info dict)."""
+    """Builds the model a checkpoint was trained as and loads its weights; with --mean/--std, the normalisation
+    goes inside it. Returns (model, info dict)."""
     ck = models.load_checkpoint(path)
+    if args.model is not None:  # a network this project does not define
+        require(args.dataset is not None, f"--model needs --dataset (the test images to evaluate {path} on)")
+        require(args.dataset in data.DATASETS,
+                f"unknown dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
+        model, sd = external_model(args.model), ck
+        for key in ("state_dict", "model_state_dict", "model"):  # common wrappers of other projects
+            if isinstance(ck, dict) and isinstance(ck.get(key), dict):
+                sd = ck[key]
+        models.load_weights(model, sd, path, args.model)
+        info = dict(arch=args.model, dataset=args.dataset, data_dir=args.data_dir or "data", external=True)
+        model = Normalized(model, args.mean, args.std) if args.mean else model
+        return model.to(device).eval(), info
     if isinstance(ck, dict) and ck.get("format") == models.CKPT_FORMAT:
         arch, dataset = ck["arch"], ck["dataset"]
         for flag, given, saved in (("--arch", args.arch, arch), ("--dataset", args.dataset, dataset)):
@@ -133,7 +217,7 @@ def load_model(path, args, device):
         method = "natural" if ck["args"].get("eps", 1) == 0 else ck["method"]  # --eps 0: no attack in training
         info = dict(epoch=ck["epoch"], method=method, weights=ck.get("weights", args.weights),
                     num_classes=ck["num_classes"], in_channels=ck.get("in_channels", 3),
-                    train_eps=ck["args"].get("eps"))
+                    train_eps=ck["args"].get("eps"), train_norm=ck["args"].get("norm", "Linf"))
     else:
         if args.arch is None or args.dataset is None:
             raise SystemExit(f"error: {path} is not a checkpoint of this project; pass --arch and --dataset to "
@@ -151,6 +235,7 @@ def load_model(path, args, device):
     model = models.get_model(arch, info["num_classes"], info["in_channels"])
     models.load_weights(model, sd, path, arch)
     info.update(arch=arch, dataset=dataset, data_dir=data_dir)
+    model = Normalized(model, args.mean, args.std) if args.mean else model
     return model.to(device).eval(), info
 
 
@@ -239,9 +324,10 @@ def chunk_correct(model, s, xb, yb, args, state=None, save=None, rates=None, att
         return attacks.correct(model, xb, yb, len(xb))
     if name == "fgsm":
         return attacks.correct(model, xb, yb, len(xb), attack=attacks.fgsm, eps=s["eps"], norm=s["norm"])
-    if name == "aa":
+    if name in ("aa", "aa-rand"):
         return attacks.autoattack(model, xb, yb, s["eps"], s["norm"], len(xb), args.seed,
-                                  log=lambda m: (sys.stderr.write(m + "\n"), sys.stderr.flush()), state=state,
+                                  version="standard" if name == "aa" else "rand",
+                                  log=progress, state=state,
                                   save=save, rates=rates)
     if name == "square":
         ok = attack_only.to(yb.device).clone()
@@ -286,20 +372,30 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
     if bool(entry["done"].all()):
         return key, entry, False
     t0, done_before = time.time(), int(entry["done"].sum())
-    for c in range(n_chunks):
-        if entry["done"][c]:
-            continue
-        st, e = c * chunk, min(n, (c + 1) * chunk)
-        # the chunk's randomness is a function of (seed, attack, chunk): the same whether or not the run was resumed
-        torch.manual_seed(args.seed * 1_000_003 + zlib.crc32(s["name"].encode()) + c)
-        t_chunk = time.time()
-        parts = entry.setdefault("parts", {})  # AutoAttack's per-component progress in the unfinished chunk
-        entry["correct"][st:e] = chunk_correct(model, s, x[st:e], y[st:e], args, parts.setdefault(c, {}), save,
-                                               entry.setdefault("rates", {}),
-                                               None if attack_only is None else attack_only[st:e]).cpu()
-        parts.pop(c, None)
-        entry["done"][c] = True
-        entry["seconds"] = round(entry["seconds"] + time.time() - t_chunk, 2)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    todo = [c for c in range(n_chunks) if not entry["done"][c]]
+    for first in range(0, len(todo), world):  # a round: one chunk per process, then every result to every process
+        mine = None
+        if first + rank < len(todo):
+            c = todo[first + rank]
+            st, e = c * chunk, min(n, (c + 1) * chunk)
+            # the chunk's randomness is a function of (seed, attack, chunk): the same whether or not the run was
+            # resumed, and whichever process runs it
+            torch.manual_seed(args.seed * 1_000_003 + zlib.crc32(s["name"].encode()) + c)
+            t_chunk = time.time()
+            parts = entry.setdefault("parts", {})  # AutoAttack's per-component progress in the unfinished chunk
+            ok = chunk_correct(model, s, x[st:e], y[st:e], args, parts.setdefault(c, {}), save,
+                               entry.setdefault("rates", {}), None if attack_only is None else attack_only[st:e])
+            mine = (c, ok.cpu(), time.time() - t_chunk)
+        gathered = [mine]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+        for c, ok, seconds in (g for g in gathered if g is not None):
+            entry["correct"][c * chunk:min(n, (c + 1) * chunk)] = ok
+            entry.setdefault("parts", {}).pop(c, None)
+            entry["done"][c] = True
+            entry["seconds"] = round(entry["seconds"] + seconds, 2)  # compute time, summed over the processes
         if bool(entry["done"].all()):
             entry["date"] = now()  # when the result was completed
         save()
@@ -307,10 +403,16 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
         acc = 100 * entry["correct"][done_images].float().mean().item()
         elapsed = time.time() - t0
         left = elapsed / (int(entry["done"].sum()) - done_before) * int((~entry["done"]).sum())
-        sys.stderr.write(f"  {desc}: {int(done_images.sum())}/{n} images, {acc:.2f} % so far, {elapsed:.0f} s, "
-                         f"~{left:.0f} s left\n")
-        sys.stderr.flush()
+        progress(f"  {desc}: {int(done_images.sum())}/{n} images, {acc:.2f} % so far, {elapsed:.0f} s, "
+                 f"~{left:.0f} s left" + (f" ({world} processes)" if world > 1 else ""))
     return key, entry, True
+
+
+def progress(line):
+    """A progress line on stderr, from one process only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def accuracy(correct):
@@ -443,9 +545,51 @@ def picture_path(json_paths, kind, given):
     return os.path.join(folder, f"{kind}.png")
 
 
+def for_checkpoint(base, info):
+    """The flags for one checkpoint: --norm defaults to its training norm, --eps and --alpha to that norm's."""
+    args = argparse.Namespace(**vars(base))
+    args.norm = base.norm or info.get("train_norm") or "Linf"
+    args.eps = base.given_eps if base.given_eps is not None else (8 / 255 if args.norm == "Linf" else 0.5)
+    args.alpha = base.given_alpha if base.given_alpha is not None else args.eps / 4
+    return args
+
+
+ARCH_NAMES = {"preact_resnet18": "PreActResNet-18", "resnet18": "ResNet-18", "wrn34_10": "WideResNet-34-10",
+              "wrn28_10": "WideResNet-28-10", "cnn": "small CNN"}
+
+
+def robustbench_claim(record, info, args, n, requirements):
+    """A RobustBench model_info entry from this evaluation: its fields, accuracies as strings with two decimals;
+    what only the user knows (paper, venue, authors, reported number) is marked TODO."""
+    ran = {e["name"]: e for e in record["results"].values() if e.get("n_examples") == n and e.get("norm") in
+           (args.norm, None) and e["name"] in ("clean", "aa") and (e["name"] == "clean" or abs(e["eps"] - args.eps) < 1e-9)}
+    return dict(link="TODO: the paper's URL", name="TODO: the paper's title", authors="TODO: the authors",
+                additional_data=False if not info.get("external") else "TODO: true if trained with extra real images",
+                number_forward_passes=1, dataset=info["dataset"], venue="TODO: the venue",
+                architecture=ARCH_NAMES.get(info["arch"], info["arch"]),
+                eps="8/255" if args.norm == "Linf" else f"{args.eps:g}", clean_acc=f"{ran['clean']['accuracy']:.2f}",
+                reported="TODO: the AutoAttack accuracy the paper reports",
+                autoattack_acc=f"{ran['aa']['accuracy']:.2f}",
+                footnote=None if not requirements else "; ".join(requirements), unreliable=False)
+
+
 def main(argv=None):
-    args = get_args(argv)
+    base = args = get_args(argv)
     device = torch.device(args.device)
+    # torchrun: every process evaluates its share of each attack's chunks (a round of one chunk per process at a
+    # time); one process reads and writes the results, one prints
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    main_rank = rank == 0
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=args.timeout))
+        if not main_rank:
+            sys.stdout = open(os.devnull, "w")
+    put = write_json if main_rank else (lambda obj, path: None)  # results are written by one process
     out, spectra, curves, json_paths = {}, [], [], []
     args.checkpoints = [run_folder_checkpoint(p) for p in args.checkpoints]
     # every results folder (and the pictures') must be writable before any work starts
@@ -455,8 +599,9 @@ def main(argv=None):
                         ("--curve-out", (args.curve or args.checks) and args.curve_out)):
         if given:
             check_writable(os.path.dirname(os.path.abspath(given)), flag)
-    for path in args.checkpoints:
-        model, info = load_model(path, args, device)
+    for path in base.checkpoints:
+        model, info = load_model(path, base, device)
+        args = for_checkpoint(base, info)
         json_path, store_path = result_files(path, args)
         json_paths.append(json_path)
         fp = fingerprint(path)
@@ -471,17 +616,23 @@ def main(argv=None):
               f"epoch {info.get('epoch', '?')}), {info['dataset']} test, " + "; ".join(sets))
         label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)) + (
             " (wa)" if args.weights == "wa" else "")  # in the pictures
-        record, store = read_results(json_path, store_path, fp, dict(checkpoint=path, **info))
+        # one process reads (and moves aside the results of an older checkpoint file), every process gets the same
+        got = [read_results(json_path, store_path, fp, dict(checkpoint=path, **info)) if main_rank else None]
+        if world > 1:
+            dist.broadcast_object_list(got, 0)
+        record, store = got[0]
         store["redone"] = []  # the attacks this command has run afresh
-        remove_stale_temp_files(os.path.dirname(json_path))
+        if main_rank:
+            remove_stale_temp_files(os.path.dirname(json_path))
 
-        def save():  # per-image results after every chunk, the JSON view after every attack; both atomic
-            models.save_checkpoint(store, store_path)
+        def save():  # per-image results after every chunk, the JSON view after every attack; both atomic, by one
+            if main_rank:  # process
+                models.save_checkpoint(store, store_path)
 
         def write():  # results without per-image data (older files) stay; the stored attacks' are brought up to date
             old = {k: v for k, v in record["results"].items() if v.get("name") != "worst"}
             record["results"] = {**old, **summary(store)}
-            write_json(record, json_path)
+            put(record, json_path)
 
         ran = {}
         for name in args.attacks:
@@ -521,7 +672,7 @@ def main(argv=None):
             record.setdefault("lowpass", {})[key] = dict(
                 attack=pgd_name, window=args.lowpass_window, n_examples=n, seed=args.seed, date=now(),
                 accuracy={str(k): dict(clean=round(c, 4), pgd=round(r, 4)) for k, (c, r) in lp.items()})
-            write_json(record, json_path)
+            put(record, json_path)
         if args.spectrum:
             torch.manual_seed(args.seed)
             spec_map, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
@@ -532,15 +683,35 @@ def main(argv=None):
             record.setdefault("spectrum", {})[key] = dict(
                 attack=pgd_name, n_examples=n, seed=args.seed, date=now(),
                 amplitude=tidy(spec_map.tolist(), 5), radial_profile=tidy(prof.tolist(), 5))
-            write_json(record, json_path)
+            put(record, json_path)
             spectra.append((label, spec_map, prof))
+        if args.robustbench:
+            m = min(args.checks_n, n)  # what RobustBench requires of a model, measured on the first images
+            zero_ce, zero_cw = checks.zero_gradients(model, x[:m], y[:m], args.batch_size)
+            diff, scale, changed = checks.repeat_passes(model, x[:m], args.batch_size)
+            zeros = int((zero_ce & zero_cw).sum())
+            requirements = [f"not deterministic: {changed} of {m} predictions changed between two passes (use "
+                            f"--attacks aa-rand)"] if diff > 1e-4 * (1 + scale) or changed else []
+            requirements += [f"zero input gradients (CE and margin) on {zeros} of {m} images"] if zeros else []
+            print(f"  RobustBench's requirements, first {m} test images: inputs in [0, 1] (normalisation inside the "
+                  f"model{': --mean/--std' if args.mean else ''}), deterministic "
+                  f"({'no: ' + str(changed) + ' predictions changed' if requirements and changed else 'yes'}), "
+                  f"non-zero gradients ({'no: ' + str(zeros) + ' images' if zeros else 'yes'})")
+            claim = robustbench_claim(record, info, args, n, requirements)
+            claim_path = json_path.replace(".eval.json", ".robustbench.json")
+            put(claim, claim_path)
+            record["robustbench"] = dict(claim=claim_path, requirements=requirements, checked_on=m, date=now(),
+                                         protocol=f"AutoAttack standard, {args.norm} eps "
+                                                  f"{attacks.radius(args.eps, args.norm)}, first {n} test images")
+            put(record, json_path)
+            print(f"  RobustBench model_info: {claim_path} (fill in the fields marked TODO)")
         print(f"  results: {json_path}")
         out[path] = dict(record, ran=ran)
-    if spectra:
+    if spectra and main_rank:
         png = picture_path(json_paths, "spectrum", args.spectrum_out)
         spectral.plot_spectra(spectra, png)
         print(f"perturbation spectra: {png}")
-    if curves:
+    if curves and main_rank:
         png = picture_path(json_paths, "curve", args.curve_out)
         checks.plot_curves(curves, png, names=(attacks.describe("pgd", 1, args.pgd_steps, 1).split(" (")[0],
                                                attacks.describe("cw", 1, args.cw_steps, 1).split(" (")[0]))
@@ -548,7 +719,7 @@ def main(argv=None):
     return out
 
 
-# ---------------------------------------------------------------- command-line plumbing (also report.py's and bench.py's)
+# ---------------------------------------------------------------- command-line plumbing (report.py's, bench.py's too)
 
 def parse_args(parser, argv=None):
     """parser.parse_args, with every argparse error as one line (no usage block). Negative fractions (-8/255) are
@@ -642,11 +813,19 @@ def read_log(out_dir):
 
 
 def cli(main):
-    """Entry point of eval.py, report.py and bench.py: a SystemExit with a message prints that one line."""
+    """Entry point of eval.py, report.py and bench.py: a SystemExit with a message prints that one line (once
+    under torchrun: every process runs the same checks)."""
     try:
         main()
     except KeyboardInterrupt:
         raise SystemExit("interrupted; run the same command again to continue where it stopped") from None
+    except SystemExit as e:
+        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0":
+            raise SystemExit(1) from None
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -114,22 +114,24 @@ def awp_perturbed(model, v, gamma):
 
 
 def iseat_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, gamma=7e-3, eta=0.01, lam=0.1,
-                    random_start=False, noise=None, gather=None, average=None):
+                    random_start=False, noise=None, gather=None, average=None, norm="Linf"):
     """ISEAT's loss on one batch, the network in train mode throughout. Returns (loss, adversarial logits, the
     weighted smoothing term detached, v): take the optimiser step inside `with awp_perturbed(model, v, gamma):`, so
-    that it is made at theta + gamma v and the perturbation is removed after it. `noise`: the U(0, 1) draw of the
-    random start (with random_start). Several processes: `gather` concatenates a per-process tensor over the global
-    batch with autograd (rank weights over the global batch), `average` averages the proxy's gradients. Needs
+    that it is made at theta + gamma v and the perturbation is removed after it. `noise`: the U(0, 1) draw of the random
+    start (with random_start; norm "L2": a point of the unit ball, the attack in the L2 ball). Several processes:
+    `gather` concatenates a per-process tensor over the global batch with autograd (rank weights over the global batch),
+    `average` averages the proxy's gradients. Needs
     torch, torch.nn.functional as F, torch.func.functional_call, contextlib (for awp_perturbed), rank_weights,
     awp_direction and attacks.pgd (with cw_loss). The network may be plain, torch.compile'd or in
     DistributedDataParallel; nn.DataParallel is refused (functional_call cannot run it)."""
     if isinstance(model, torch.nn.DataParallel):
-        raise ValueError("iseat_objective: nn.DataParallel cannot run the perturbed forward (torch.func.functional_call "
-                         "refuses it); pass model.module or wrap the network in DistributedDataParallel")
+        raise ValueError("iseat_objective: nn.DataParallel cannot run the perturbed forward (torch.func."
+                         "functional_call refuses it); pass model.module or wrap the network in "
+                         "DistributedDataParallel")
     # 1. clean forward at theta: the unperturbed branch of the smoothing term and CE_clean
     logits_clean = model(x) if lam > 0 else None
     # 2. PGD-`steps` without random start (random_start: Wu et al.'s AWP), network in train mode
-    x_adv = pgd(model, x, y, eps, alpha, steps, random_start=random_start, noise=noise) if eps > 0 else x
+    x_adv = pgd(model, x, y, eps, alpha, steps, random_start=random_start, norm=norm, noise=noise) if eps > 0 else x
     # 3. AWP direction from one ascent step of the proxy
     v = awp_direction(model, x_adv, y, eta, average) if gamma > 0 else {}
     # 4. adversarial forward at theta + gamma v, out of place so that the clean graph at theta stays valid
@@ -163,8 +165,11 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
-    p.add_argument("--eps", type=attacks.fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
-    p.add_argument("--alpha", type=attacks.fraction, default="2/255", help="PGD step size")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model of training and validation")
+    p.add_argument("--eps", type=attacks.fraction, default=None,
+                   help="radius (8/255 or a number; default 8/255 for Linf, 128/255 for L2 as Rice et al.; 0: natural)")
+    p.add_argument("--alpha", type=attacks.fraction, default=None,
+                   help="step of the training PGD (default 2/255 for Linf, 15/255 for L2 as Rice et al.)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
     p.add_argument("--val-steps", type=int, help="PGD steps of validation")
     p.add_argument("--val-size", type=int, help="held-out training images for choosing best.pt")
@@ -208,7 +213,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    train = attacks.describe("pgd", args.eps, args.steps, args.alpha) if args.eps > 0 else \
+    train = attacks.describe("pgd", args.eps, args.steps, args.alpha, args.norm) if args.eps > 0 else \
         "natural training (no attack)"
     if not args.random_start:
         train = train.replace("random start", "no random start")
@@ -306,13 +311,14 @@ def main(argv=None):
         for i, (x, y, noise) in enumerate(data.batches(
                 ds["train_x"], ds["train_y"], args.batch_size, shuffle=True, augment=ds["augment"], seed=epoch_seed,
                 rank=rank, world=world, max_batches=args.max_batches, memory_format=mem,
-                noise="uniform" if args.random_start else None)):
+                noise=None if not args.random_start else "uniform" if args.norm == "Linf" else "ball")):
             # several processes: the ranks are those within the global batch, gathered with autograd
             gather = data.gatherer(data.shard_sizes(min(args.batch_size, n_train - i * args.batch_size), world)) \
                 if world > 1 else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits, reg, v = iseat_objective(net, x, y, args.eps, args.alpha, args.steps, args.awp_gamma,
-                                                       args.awp_eta, lam, args.random_start, noise, gather, average)
+                                                       args.awp_eta, lam, args.random_start, noise, gather, average,
+                                                       args.norm)
             opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
             loss.backward()
             with awp_perturbed(net, v, args.awp_gamma):  # the step at theta + gamma v, then back
@@ -393,7 +399,9 @@ def main(argv=None):
             m = models.load_checkpoint(best_path)["metrics"]
             val = f"validation clean {m['val_clean']:.2f} %" + (
                 f", PGD-{args.val_steps} {m['val_pgd']:.2f} %" if m.get("val_pgd") is not None else "")
-            eps = f" --eps {attacks.radius(args.eps)}" if args.eps > 0 and abs(args.eps - 8 / 255) > 1e-9 else ""
+            usual = (8 / 255,) if args.norm == "Linf" else (0.5, 128 / 255)  # eval.py's radius: 8/255 or 0.5
+            unusual = args.eps > 0 and min(abs(args.eps - u) for u in usual) > 1e-9
+            eps = f" --eps {attacks.radius(args.eps, args.norm)}" if unusual else ""
             wa_file = ", wa_best.pt" if os.path.exists(os.path.join(args.out, "wa_best.pt")) else ""
             print(f"{done}best.pt holds epoch {m['epoch']} ({val}); files in {args.out} (last.pt, best.pt{wa_file}, "
                   f"log.jsonl). Next: python eval.py {best_path}{eps}", flush=True)
@@ -428,6 +436,9 @@ def parse(p, argv):
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/[\d.]+)?$")
     a = p.parse_args(argv)
     a.out = a.out or os.path.join("runs", f"{METHOD}-{a.dataset}-{a.arch}")
+    linf = a.norm == "Linf"
+    a.eps = (8 / 255 if linf else 128 / 255) if a.eps is None else a.eps
+    a.alpha = (2 / 255 if linf else 15 / 255) if a.alpha is None else a.alpha
     r = lambda v: attacks.radius(v, digits=6)  # noqa: E731 (a radius as the user wrote it)
     for ok, message in (
             (a.dataset in data.DATASETS, f"unknown dataset {a.dataset!r}; choose one of {', '.join(data.DATASETS)}"),
@@ -436,8 +447,10 @@ def parse(p, argv):
             (a.batch_size >= 1, f"--batch-size {a.batch_size}: use a positive batch size, e.g. 128"),
             (a.max_batches is None or a.max_batches >= 1, f"--max-batches {a.max_batches}: use a positive number of "
                                                           f"batches, or leave it out for whole epochs"),
-            (0 <= a.eps <= 1, f"--eps {r(a.eps)}: radii are in [0,1] pixel units (8/255, not 8); use 0 .. 1"),
-            (0 < a.alpha <= 1, f"--alpha {r(a.alpha)}: the step is in [0,1] pixel units (2/255, not 2)"),
+            (0 <= a.eps <= (1 if linf else math.inf), f"--eps {r(a.eps)}: radii are in [0,1] pixel units (8/255, not "
+                                                        f"8); use 0 .. 1"),
+            (0 < a.alpha <= (1 if linf else math.inf), f"--alpha {r(a.alpha)}: the step is in [0,1] pixel units "
+                                                       f"(2/255, not 2)"),
             (a.steps >= 1 or a.steps == 0 == a.eps, f"--steps {a.steps} with --eps {r(a.eps)}: give the attack steps, "
                                                     f"or --eps 0 for natural training"),
             (a.val_steps >= 1, f"--val-steps {a.val_steps}: validation PGD needs at least 1 step"),
@@ -523,15 +536,15 @@ def check_out(args, main_rank):
 
 
 def validate(model, ds, args):
-    """Clean and PGD-(--val-steps) accuracy (%) on the held-out split: the model frozen in eval mode, fp32, random
-    start. PGD is None for natural training (no attack to report)."""
+    """Clean and PGD-(--val-steps) accuracy (%) on the held-out split, in the training attack's norm, radius and
+    step: the model frozen in eval mode, fp32, random start. PGD is None for natural training (no attack to report)."""
     if len(ds["val_x"]) == 0:
         return None, None
     clean = 100 * attacks.correct(model, ds["val_x"], ds["val_y"]).float().mean().item()
     if args.eps == 0:
         return clean, None
     return clean, 100 * attacks.correct(model, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=args.eps,
-                                        alpha=args.alpha, steps=args.val_steps).float().mean().item()
+                                        alpha=args.alpha, steps=args.val_steps, norm=args.norm).float().mean().item()
 
 
 def cli(argv=None):

@@ -78,7 +78,7 @@ def mart_weighted_kl(logits_adv, logits_clean, y):
     return (kl * (1.0000001 - p_clean.gather(1, y[:, None])[:, 0])).sum() / len(y)
 
 
-def mart_attack(model, x, y, eps, alpha, steps, noise=None):
+def mart_attack(model, x, y, eps, alpha, steps, noise=None, norm="Linf"):
     """PGD on the mean CE from x + 0.001 N(0, I) (the released code's start; `noise`: the N(0, I) draw, default:
     drawn here), with the network in eval mode whatever mode it was given in (restored after, so BatchNorm's running
     statistics are never touched); input gradients only."""
@@ -88,19 +88,23 @@ def mart_attack(model, x, y, eps, alpha, steps, noise=None):
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv).float(), y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+        if norm == "Linf":
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+        else:  # a step along the normalised gradient, the box, then back into the L2 ball
+            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+            x_adv = x + ((x_adv.detach() + alpha * g).clamp(0, 1) - x).renorm(2, 0, eps)
     model.train(was_training)
     return x_adv.clamp(0, 1).detach()
 
 
-def mart_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0, noise=None):
+def mart_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0, noise=None, norm="Linf"):
     """MART's loss on one batch, as the released mart_loss: the CE attack in eval mode, then in train mode the clean
     forward and the adversarial one, boosted CE + beta * weighted KL, gradients through both. `noise`: the N(0, I)
     draw of the start (default: drawn here). Returns (loss, adversarial logits, the weighted KL detached); the
     caller owns zero_grad, backward and the optimiser step; the network is left in the mode it was given. Needs
     torch and torch.nn.functional as F."""
     was_training = model.training
-    x_adv = mart_attack(model, x, y, eps, alpha, steps, noise) if eps > 0 else x
+    x_adv = mart_attack(model, x, y, eps, alpha, steps, noise, norm) if eps > 0 else x
     model.train()
     logits_clean = model(x)
     logits_adv = model(x_adv)
@@ -121,8 +125,11 @@ def get_args(argv=None):
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--wd", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
-    p.add_argument("--eps", type=attacks.fraction, default="8/255", help="L-inf radius (8/255 or a number; 0: natural)")
-    p.add_argument("--alpha", type=attacks.fraction, default="2/255", help="PGD step size")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model of training and validation")
+    p.add_argument("--eps", type=attacks.fraction, default=None,
+                   help="radius (8/255 or a number; default 8/255 for Linf, 128/255 for L2 as Rice et al.; 0: natural)")
+    p.add_argument("--alpha", type=attacks.fraction, default=None,
+                   help="step of the training PGD (default 2/255 for Linf, 15/255 for L2 as Rice et al.)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps of the training attack")
     p.add_argument("--val-steps", type=int, help="PGD steps of validation")
     p.add_argument("--val-size", type=int, help="held-out training images for choosing best.pt")
@@ -163,7 +170,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    train = (f"PGD-{args.steps} on CE (Linf, eps {attacks.radius(args.eps)}, step {attacks.radius(args.alpha)}, "
+    train = (f"PGD-{args.steps} on CE ({args.norm}, eps {attacks.radius(args.eps, args.norm)}, step "
+             f"{attacks.radius(args.alpha, args.norm)}, "
              f"start x + 0.001 N(0, I), eval mode)" if args.eps > 0 else "natural training (no attack)") + \
         f", beta {args.beta:g}"
     # --bench's forward-equivalents per image: PGD steps 2 each, two training passes 3 each
@@ -256,7 +264,8 @@ def main(argv=None):
                 ds["train_x"], ds["train_y"], args.batch_size, shuffle=True, augment=ds["augment"], seed=epoch_seed,
                 rank=rank, world=world, max_batches=args.max_batches, memory_format=mem, noise="normal")):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                loss, logits, kl = mart_objective(net, x, y, args.eps, args.alpha, args.steps, args.beta, noise)
+                loss, logits, kl = mart_objective(net, x, y, args.eps, args.alpha, args.steps, args.beta, noise,
+                                                    args.norm)
             opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
             loss.backward()
             opt.step()
@@ -336,7 +345,9 @@ def main(argv=None):
             m = models.load_checkpoint(best_path)["metrics"]
             val = f"validation clean {m['val_clean']:.2f} %" + (
                 f", PGD-{args.val_steps} {m['val_pgd']:.2f} %" if m.get("val_pgd") is not None else "")
-            eps = f" --eps {attacks.radius(args.eps)}" if args.eps > 0 and abs(args.eps - 8 / 255) > 1e-9 else ""
+            usual = (8 / 255,) if args.norm == "Linf" else (0.5, 128 / 255)  # eval.py's radius: 8/255 or 0.5
+            unusual = args.eps > 0 and min(abs(args.eps - u) for u in usual) > 1e-9
+            eps = f" --eps {attacks.radius(args.eps, args.norm)}" if unusual else ""
             wa_file = ", wa_best.pt" if os.path.exists(os.path.join(args.out, "wa_best.pt")) else ""
             print(f"{done}best.pt holds epoch {m['epoch']} ({val}); files in {args.out} (last.pt, best.pt{wa_file}, "
                   f"log.jsonl). Next: python eval.py {best_path}{eps}", flush=True)
@@ -371,6 +382,9 @@ def parse(p, argv):
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/[\d.]+)?$")
     a = p.parse_args(argv)
     a.out = a.out or os.path.join("runs", f"{METHOD}-{a.dataset}-{a.arch}")
+    linf = a.norm == "Linf"
+    a.eps = (8 / 255 if linf else 128 / 255) if a.eps is None else a.eps
+    a.alpha = (2 / 255 if linf else 15 / 255) if a.alpha is None else a.alpha
     r = lambda v: attacks.radius(v, digits=6)  # noqa: E731 (a radius as the user wrote it)
     for ok, message in (
             (a.dataset in data.DATASETS, f"unknown dataset {a.dataset!r}; choose one of {', '.join(data.DATASETS)}"),
@@ -379,8 +393,10 @@ def parse(p, argv):
             (a.batch_size >= 1, f"--batch-size {a.batch_size}: use a positive batch size, e.g. 128"),
             (a.max_batches is None or a.max_batches >= 1, f"--max-batches {a.max_batches}: use a positive number of "
                                                           f"batches, or leave it out for whole epochs"),
-            (0 <= a.eps <= 1, f"--eps {r(a.eps)}: radii are in [0,1] pixel units (8/255, not 8); use 0 .. 1"),
-            (0 < a.alpha <= 1, f"--alpha {r(a.alpha)}: the step is in [0,1] pixel units (2/255, not 2)"),
+            (0 <= a.eps <= (1 if linf else math.inf), f"--eps {r(a.eps)}: radii are in [0,1] pixel units (8/255, not "
+                                                        f"8); use 0 .. 1"),
+            (0 < a.alpha <= (1 if linf else math.inf), f"--alpha {r(a.alpha)}: the step is in [0,1] pixel units "
+                                                       f"(2/255, not 2)"),
             (a.steps >= 1 or a.steps == 0 == a.eps, f"--steps {a.steps} with --eps {r(a.eps)}: give the attack steps, "
                                                     f"or --eps 0 for natural training"),
             (a.val_steps >= 1, f"--val-steps {a.val_steps}: validation PGD needs at least 1 step"),
@@ -466,15 +482,15 @@ def check_out(args, main_rank):
 
 
 def validate(model, ds, args):
-    """Clean and PGD-(--val-steps) accuracy (%) on the held-out split: the model frozen in eval mode, fp32, random
-    start. PGD is None for natural training (no attack to report)."""
+    """Clean and PGD-(--val-steps) accuracy (%) on the held-out split, in the training attack's norm, radius and
+    step: the model frozen in eval mode, fp32, random start. PGD is None for natural training (no attack to report)."""
     if len(ds["val_x"]) == 0:
         return None, None
     clean = 100 * attacks.correct(model, ds["val_x"], ds["val_y"]).float().mean().item()
     if args.eps == 0:
         return clean, None
     return clean, 100 * attacks.correct(model, ds["val_x"], ds["val_y"], attack=attacks.pgd, eps=args.eps,
-                                        alpha=args.alpha, steps=args.val_steps).float().mean().item()
+                                        alpha=args.alpha, steps=args.val_steps, norm=args.norm).float().mean().item()
 
 
 def cli(argv=None):

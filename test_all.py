@@ -791,6 +791,8 @@ def test_checks_warn_on_masked_models_and_pass_honest_ones(fmnist_runs, tmp_path
         assert must <= set(got["warned"]) and not must_not & set(got["warned"]), out
         for v in got["checks"]:  # every WARN says what to do
             assert v["status"] == "PASS" or ": " in v["text"].split(" %")[-1] or "EOT" in v["text"]
+        if wrapper is Noisy:  # a randomised model: eval.py names the attack to use
+            assert "--attacks aa-rand" in next(v["text"] for v in got["checks"] if v["check"] == "determinism")
 
 
 def honest_flags(n=100):
@@ -1947,7 +1949,8 @@ def assert_close_states(a, b, atol=0.0):
 
 DDP_ARGS = ["--dataset", "synthetic", "--arch", "cnn", "--max-batches", "3", "--val-size", "50",
             "--batch-size", "32", "--milestones", "1", "--device", "cpu"]  # gloo: CPU processes, also with DEVICE=cuda
-METHOD_ARGS = {"at": [], "sar": [], "iseat": ["--random-start"], "trades": [], "mart": []}
+METHOD_ARGS = {"at": ["--norm", "L2"], "sar": [], "iseat": ["--random-start"], "trades": [], "mart": []}  # at: L2's
+# random start (a point of the unit ball per image) drawn for the global batch too
 
 
 @pytest.mark.slow
@@ -2454,3 +2457,221 @@ def test_copied_functions_in_foreign_settings():
             inner.train(mode)
             objective(inner, x, y, steps=1)
             assert inner.training == mode, (objective.__name__, mode)
+
+
+# ---------------------------------------------------------------- L2, end to end
+
+def released_trades_l2(model, x, eps, step, steps):
+    """The released TRADES attack's L2 branch, as written there: delta optimised by SGD (lr = the step) on minus the
+    summed KL, its gradient divided by its norm per image, then the box and renorm to the ball."""
+    model.eval()
+    delta = (0.001 * torch.randn_like(x)).requires_grad_(True)
+    opt = torch.optim.SGD([delta], lr=step)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = -1 * nn.KLDivLoss(reduction="sum")(F.log_softmax(model(x + delta), dim=1), F.softmax(model(x), dim=1))
+        loss.backward()
+        norms = delta.grad.view(len(x), -1).norm(p=2, dim=1)
+        delta.grad.div_(norms.view(-1, 1, 1, 1))
+        opt.step()
+        delta.data.add_(x)
+        delta.data.clamp_(0, 1).sub_(x)
+        delta.data.renorm_(p=2, dim=0, maxnorm=eps)
+    return (x + delta).detach()
+
+
+def test_l2_attacks_and_the_unit_ball_start():
+    torch.manual_seed(0)
+    model = models.get_model("cnn", 10).to(DEV).eval()
+    x, y = torch.rand(8, 3, 12, 12, device=DEV), torch.randint(0, 10, (8,), device=DEV)
+    torch.manual_seed(5)
+    want = released_trades_l2(model, x, 0.5, 0.1, 5)
+    torch.manual_seed(5)
+    got = trades.trades_attack(model, x, 0.5, 0.1, 5, norm="L2")
+    assert torch.allclose(got, want, atol=2e-5)  # the same steps; rounding (the box taken on x + delta) grows ~1e-6 a step
+    for x_adv in (got, mart.mart_attack(model, x, y, 0.5, 0.1, 5, norm="L2"),
+                  attacks.pgd(model, x, y, 0.5, 0.1, 5, norm="L2")):
+        assert (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5 and x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (x_adv - x).abs().max() > 0.1  # an L2 step, not an L-inf one of 2/255
+    # the L2 random start: a uniform direction at a radius uniform in [0, 1] per image, drawn for the global batch
+    xs, ys = torch.zeros(4000, 3, 4, 4, dtype=torch.uint8), torch.zeros(4000, dtype=torch.long)
+    (_, _, z), = data.batches(xs, ys, 4000, noise="ball", seed=3)
+    r = z.flatten(1).norm(dim=1)
+    assert r.max() <= 1 + 1e-6 and abs(r.mean().item() - 0.5) < 0.02 and abs((r < 0.25).float().mean() - 0.25) < 0.03
+    assert abs(z.mean().item()) < 0.01  # no preferred direction
+    halves = [b[2] for k in (0, 1) for b in data.batches(xs[:10], ys[:10], 10, noise="ball", seed=3, rank=k, world=2)]
+    (_, _, whole), = data.batches(xs[:10], ys[:10], 10, noise="ball", seed=3)
+    assert torch.equal(torch.cat(halves), whole)
+    # pgd's L2 start from the caller's draw: x + eps * z (then the box)
+    zero_steps = attacks.pgd(model, x, y, 0.5, 0.1, 0, norm="L2", noise=z[:8, :, :4, :4].repeat(1, 1, 3, 3))
+    assert torch.allclose(zero_steps, (x + 0.5 * z[:8, :, :4, :4].repeat(1, 1, 3, 3)).clamp(0, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["at", "sar", "iseat", "trades", "mart"])
+def test_each_method_trains_and_validates_in_l2_and_eval_follows(tmp_path, monkeypatch, method):
+    module = sys.modules[method]
+    norms = []
+    real = attacks.pgd
+    monkeypatch.setattr(attacks, "pgd", lambda *a, **k: norms.append(k.get("norm")) or real(*a, **k))  # validation
+    out = tmp_path / "run"
+    module.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "1", "--milestones", "--batch-size", "16",
+                 "--max-batches", "2", "--val-size", "20", "--steps", "2", "--norm", "L2", "--out", str(out),
+                 "--device", DEV])
+    ck = torch.load(out / "best.pt", weights_only=True)
+    assert ck["args"]["norm"] == "L2" and ck["args"]["eps"] == 128 / 255 and ck["args"]["alpha"] == 15 / 255
+    assert norms == ["L2"] and ck["metrics"]["val_pgd"] is not None
+    res = ev([str(out / "best.pt"), "--attacks", "clean", "pgd", "--n-examples", "10"])[str(out / "best.pt")]["ran"]
+    assert res["pgd"]["attack"].startswith("PGD-20 (L2, eps 0.5, step 0.125") and res["pgd"]["norm"] == "L2"
+    assert res["pgd"]["accuracy"] <= res["clean"]["accuracy"]
+
+
+# ---------------------------------------------------------------- evaluation at scale: torchrun, any model,
+# RobustBench
+
+EVAL_DIE = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import eval
+real = eval.chunk_correct
+calls = []
+def chunk_correct(*a, **k):
+    calls.append(1)
+    if len(calls) == {n} and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+eval.chunk_correct = chunk_correct
+eval.cli(lambda: eval.main(sys.argv[1:]))
+"""
+
+
+def stores(results_dir):
+    s = torch.load(os.path.join(results_dir, "run", "best.eval.pt"), weights_only=True)
+    return {k: e for k, e in s["attacks"].items()}
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_gives_each_image_the_one_process_result_and_resumes_with_any_count(tmp_path):
+    at.main(["--dataset", "synthetic", "--arch", "cnn", "--epochs", "1", "--milestones", "--batch-size", "32",
+             "--max-batches", "3", "--val-size", "20", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    flags = [str(tmp_path / "run" / "best.pt"), "--attacks", "clean", "pgd", "cw", "aa", "--n-examples", "40",
+             "--batch-size", "10", "--checks", "--checks-n", "20", "--square-queries", "20", "--eps", "4/255",
+             "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    one = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), *flags, "--results-dir", str(tmp_path / "r1")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([*torchrun, os.path.join(HERE, "eval.py"), *flags, "--results-dir", str(tmp_path / "r2")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = stores(tmp_path / "r1"), stores(tmp_path / "r2")
+    names = {e["name"] for e in a.values()}
+    assert names == {"clean", "fgsm", "pgd", "cw", "aa", "square"} and set(a) == set(b) and len(a) == 19
+    for k in a:  # PGD, CW, AutoAttack, the checks' attacks: every image as one process has it
+        assert torch.equal(a[k]["correct"], b[k]["correct"]), k
+    assert two.stdout.count("all checks pass") + two.stdout.count("checks warn") == 1  # one process prints
+    assert "(2 processes)" in two.stderr and two.stderr.count("AutoAttack standard (Linf, eps 4/255): 40/40") == 1
+    one_json, two_json = (json.load(open(tmp_path / r / "run" / "best.eval.json")) for r in ("r1", "r2"))
+    assert {k: v["accuracy"] for k, v in one_json["results"].items()} == \
+           {k: v["accuracy"] for k, v in two_json["results"].items()}
+    # a 2-process evaluation killed in its third round (rank 1 dies), resumed with 1 process: the same per image
+    (tmp_path / "die.py").write_text(EVAL_DIE.format(repo=HERE, n=5))
+    killed = subprocess.run([*torchrun, str(tmp_path / "die.py"), *flags, "--results-dir", str(tmp_path / "r3")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0
+    partial = stores(tmp_path / "r3")
+    assert 0 < sum(int(e["done"].sum()) for e in partial.values()) < sum(len(e["done"]) for e in a.values())
+    resumed = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), *flags, "--results-dir",
+                              str(tmp_path / "r3")], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    c = stores(tmp_path / "r3")
+    for k in a:
+        assert torch.equal(a[k]["correct"], c[k]["correct"]), k
+
+
+EXTERNAL = """
+import torch, torch.nn as nn
+
+
+class NearestMean(nn.Module):
+    \"\"\"A network of another project, trained on normalised inputs: logits = -||z - T_k||^2, z normalised.\"\"\"
+    def __init__(self):
+        super().__init__()
+        self.templates = nn.Parameter(torch.zeros(10, 3, 32, 32))
+
+    def forward(self, z):
+        return -((z[:, None] - self.templates[None]) ** 2).flatten(2).sum(2)
+
+
+class NoisyNearestMean(NearestMean):
+    def forward(self, z):
+        return super().forward(z + 0.3 * torch.randn_like(z))
+
+
+def net():
+    return NearestMean()
+
+
+def noisy():
+    return NoisyNearestMean()
+"""
+
+
+def test_eval_of_a_normalised_external_model(tmp_path):
+    # a foreign network (--model FILE.py:FUNCTION) whose weights expect inputs normalised per channel
+    ds = data.load("synthetic", val_size=0)
+    mean, std = (0.9, 0.2, 0.6), (0.1, 0.4, 0.2)
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    x = ds["train_x"][:5000].float() / 255
+    templates = torch.stack([(x[ds["train_y"][:5000] == k].mean(0) - m) / s for k in range(10)])
+    (tmp_path / "theirs.py").write_text(EXTERNAL)
+    torch.save({"state_dict": {"templates": templates}}, tmp_path / "theirs.pth")
+    test_x, test_y = ds["test_x"][:60].float() / 255, ds["test_y"][:60]
+    logits = lambda z: -((z[:, None] - templates[None]) ** 2).flatten(2).sum(2)  # noqa: E731 (the slow model)
+    right = 100 * (logits((test_x - m) / s).argmax(1) == test_y).float().mean().item()
+    wrong = 100 * (logits(test_x).argmax(1) == test_y).float().mean().item()
+    assert right > 90 and wrong < right - 50
+    ck = str(tmp_path / "theirs.pth")
+    norm = ["--mean", *map(str, mean), "--std", *map(str, std)]
+    base = [ck, "--model", f"{tmp_path / 'theirs.py'}:net", "--dataset", "synthetic", "--attacks", "clean",
+            "--n-examples", "60", "--device", "cpu"]
+    got = ev(base + norm + ["--results-dir", str(tmp_path / "right")])[ck]["ran"]["clean"]["accuracy"]
+    assert got == pytest.approx(right)
+    assert ev(base + ["--results-dir", str(tmp_path / "wrong")])[ck]["ran"]["clean"]["accuracy"] == pytest.approx(wrong)
+    one_line_error(evaluate.main, ck, "--model", f"{tmp_path / 'theirs.py'}:net", "--dataset", "synthetic",
+                   "--robustbench", "--n-examples", "100", match="--robustbench fixes --n-examples to 10000")
+    one_line_error(evaluate.main, ck, "--model", f"{tmp_path / 'theirs.py'}:nothing", "--dataset", "synthetic",
+                   "--attacks", "clean", match="defines no function nothing")
+    one_line_error(evaluate.main, ck, "--mean", "0.5", "--attacks", "clean", match="--mean and --std go together")
+    # a randomised model: AutoAttack's rand version (EOT), stored like the other attacks
+    res = ev([ck, "--model", f"{tmp_path / 'theirs.py'}:noisy", "--dataset", "synthetic", "--normalize", "cifar10",
+              "--attacks", "clean", "aa-rand", "--n-examples", "6", "--eps", "2/255", "--results-dir",
+              str(tmp_path / "rand"), "--device", "cpu"])[ck]["ran"]
+    assert res["aa-rand"]["attack"].startswith("AutoAttack rand (Linf, eps 2/255, APGD-CE and APGD-DLR with EOT")
+    assert 0 <= res["aa-rand"]["accuracy"] <= 100
+
+
+def test_robustbench_protocol_and_claim(cifar, tmp_path, capsys):
+    # RobustBench's protocol (standard AutoAttack, the first 10,000 test images: the 48 the small test set has) and
+    # its model_info fields, what only the user knows marked TODO
+    root, _ = cifar
+    at.main(at_args(root, tmp_path / "run", "--epochs", "1", "--milestones", "--max-batches", "2"))
+    ck = str(tmp_path / "run" / "best.pt")
+    res = ev([ck, "--robustbench", "--checks-n", "20", "--batch-size", "48"])[ck]
+    assert res["ran"]["aa"]["n_examples"] == 48 and res["ran"]["aa"]["attack"] == "AutoAttack standard (Linf, eps 8/255)"
+    out = capsys.readouterr().out
+    assert "first 48 images (all there are; --n-examples 10000 asked for more)" in out
+    assert "deterministic (yes), non-zero gradients (yes)" in out and "fill in the fields marked TODO" in out
+    claim = json.load(open(tmp_path / "run" / "best.robustbench.json"))
+    assert list(claim) == ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                           "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable"]
+    assert claim["clean_acc"] == f"{res['ran']['clean']['accuracy']:.2f}" and claim["eps"] == "8/255"
+    assert claim["autoattack_acc"] == f"{res['ran']['aa']['accuracy']:.2f}" and claim["dataset"] == "cifar10"
+    assert claim["additional_data"] is False and claim["architecture"] == "small CNN"
+    assert claim["link"].startswith("TODO") and claim["venue"].startswith("TODO") and claim["footnote"] is None
+    saved = json.load(open(tmp_path / "run" / "best.eval.json"))["robustbench"]
+    assert saved["requirements"] == [] and saved["protocol"].startswith("AutoAttack standard, Linf eps 8/255")
+    one_line_error(evaluate.main, ck, "--robustbench", "--n-examples", "100",
+                   match="--robustbench fixes --n-examples to 10000")
+    one_line_error(evaluate.main, ck, "--robustbench", "--eps", "4/255", match="--robustbench evaluates at Linf 8/255")

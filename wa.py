@@ -53,10 +53,11 @@ def bn_batches(ds, args, model, n, mem, world):
     process passes its share of every batch (statistics of the whole batch); else every process passes all."""
     rank, world = (dist.get_rank(), world) if args.sync_bn and world > 1 else (0, 1)
     adversarial = args.wa_bn == "adversarial" and args.eps > 0
+    noise = None if not adversarial else "uniform" if args.norm == "Linf" else "ball"
     for x, y, z in data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], rank=rank,
-                                world=world, max_batches=math.ceil(n / 512), memory_format=mem,
-                                noise="uniform" if adversarial else None):
+                                world=world, max_batches=math.ceil(n / 512), memory_format=mem, noise=noise):
         if adversarial:
             with attacks.frozen(model), torch.enable_grad():  # the pass itself runs under no_grad
-                x = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, random_start=True, noise=z)
+                x = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, random_start=True, norm=args.norm,
+                                noise=z)
         yield x, y
