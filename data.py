@@ -203,7 +203,7 @@ NUM_CLASSES = {"cifar100": 100, "tiny_imagenet": 200}  # 10 for the others
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # 3 for the others
 
 
-def load(name, root="data", val_size=1000, device="cpu", download=True, pad_mode="zero", rotate=0.0):
+def load(name, root="data", val_size=1000, device="cpu", download=True, pad_mode="zero", rotate=0.0, idbh=None):
     """Returns a dict of uint8 N,C,H,W images and int64 labels on `device`:
     train_x/train_y, val_x/val_y (a fixed-seed split of the training set), test_x/test_y, num_classes, channels,
     and `augment`, the training augmentation for batches(): crop padding (2 / 4 / 8 for 28 / 32 / 64-px images), its
@@ -234,7 +234,7 @@ def load(name, root="data", val_size=1000, device="cpu", download=True, pad_mode
     d = {k: v.to(device) for k, v in d.items()}
     size = tx.shape[-1]
     augment = dict(pad=2 if size <= 28 else 4 if size <= 32 else 8, pad_mode=pad_mode,
-                   flip=name not in ("svhn", "mnist"), rotate=rotate)
+                   flip=name not in ("svhn", "mnist"), rotate=rotate, idbh=idbh)
     d.update(num_classes=NUM_CLASSES.get(name, 10), channels=tx.shape[1], augment=augment)
     return d
 
@@ -286,6 +286,187 @@ def random_augment(x, pad, flip=True, pad_mode="zero", rotate_deg=0.0, generator
     return x
 
 
+# ---------------------------------------------------------------- IDBH (Li and Spratling, ICLR 2023), on the device
+# Per image, in this order: horizontal flip (p 1/2), CropShift, one colour/shape operation drawn from a table with a
+# random strength, then (after the conversion to [0, 1]) random erasing. Every parameter is drawn per image for the
+# whole batch at once from the epoch's generator; every operation is computed for the whole batch and each image
+# keeps its own: no Python loop over images, no host sync. Each operation equals torchvision's functional op (which
+# the authors' code calls) on single images at the same strength.
+IDBH_VARIANTS = {  # name: (CropShift's strengths {0 .. n-1}, table, erasing probability, erasing's largest area)
+    "idbh-cifar10-weak": (11, "colour", 0.5, 0.33),
+    "idbh-cifar10-strong": (11, "colour", 1.0, 0.33),
+    "idbh-svhn": (9, "shape", 1.0, 0.5),
+}
+IDBH_OPS = ("saturation", "brightness", "contrast", "sharpness", "autocontrast", "equalize", "shear", "rotate")
+IDBH_TABLES = {  # the probability of each op, and the strength ranges (shear in radians, rotation in whole degrees)
+    "colour": dict(p=(1 / 8,) * 8, shear=(0.05, 0.15), rotate=(1, 11)),
+    "shape": dict(p=(0.08, 0.08, 0.04, 0.08, 0.04, 0.08, 0.3, 0.3), shear=(0.05, 0.35), rotate=(1, 31)),
+}
+COLOUR_RANGES = {"saturation": (0.1, 1.9), "brightness": (0.5, 1.9), "contrast": (0.5, 1.9), "sharpness": (0.1, 1.9)}
+
+
+def _per_image(v, x):
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def blend(x, other, ratio):
+    """torchvision's _blend on uint8 images, ratio per image (float64): ratio x + (1 - ratio) other, clamped,
+    truncated to uint8."""
+    a, b = _per_image(ratio.float(), x), _per_image((1 - ratio).float(), x)
+    return (a * x + b * other).clamp(0, 255).to(torch.uint8)
+
+
+def grey(x):
+    """rgb_to_grayscale of uint8 images (truncated to uint8); grey images as they are."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).to(x.dtype)[:, None]
+
+
+def adjust(x, op, ratio):
+    """adjust_saturation / brightness / contrast / sharpness of uint8 images, the factor per image."""
+    if op == "saturation":
+        return x if x.shape[1] == 1 else blend(x, grey(x), ratio)
+    if op == "brightness":
+        return blend(x, torch.zeros_like(x), ratio)
+    if op == "contrast":
+        return blend(x, grey(x).float().mean(dim=(1, 2, 3), keepdim=True), ratio)
+    kernel = torch.ones(3, 3, device=x.device)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, 3, 3)
+    blurred = x.clone()  # the border keeps the image's own pixels
+    blurred[..., 1:-1, 1:-1] = F.conv2d(x.float(), kernel, groups=x.shape[1]).round().to(torch.uint8)
+    return blend(x, blurred, ratio)
+
+
+def autocontrast(x):
+    """autocontrast of uint8 images: each channel stretched to 0..255 (a constant channel left as it is)."""
+    lo, hi = x.amin(dim=(-2, -1), keepdim=True).float(), x.amax(dim=(-2, -1), keepdim=True).float()
+    flat = hi == lo
+    scale = torch.where(flat, torch.ones_like(lo), 255 / (hi - lo))
+    return ((x - torch.where(flat, torch.zeros_like(lo), lo)) * scale).clamp(0, 255).to(torch.uint8)
+
+
+def equalize(x):
+    """equalize of uint8 images (torchvision's, per channel): the histogram's cumulative sum as a look-up table,
+    step = (pixels - count of the largest value present) // 255; step 0 leaves the channel as it is."""
+    B, C = x.shape[:2]
+    v = x.reshape(B * C, -1).long()
+    hist = torch.zeros(B * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
+    top = 255 - (hist.flip(1) > 0).long().argmax(1)  # the largest value present
+    step = (v.shape[1] - hist.gather(1, top[:, None])[:, 0]).div(255, rounding_mode="floor")
+    lut = (hist.cumsum(1) + step.div(2, rounding_mode="floor")[:, None]).div(step.clamp(min=1)[:, None],
+                                                                              rounding_mode="floor")
+    lut = F.pad(lut, [1, 0])[:, :-1].clamp(0, 255)
+    out = torch.where(step[:, None] == 0, v, lut.gather(1, v))
+    return out.to(torch.uint8).view_as(x)
+
+
+def affine_nearest(x, angle, shear_x, shear_y):
+    """torchvision's affine (and rotate, with -angle) about the image centre: nearest-neighbour sampling, fill 0,
+    per-image angle and shears in degrees (float64); the inverse matrix and the sampling grid built as
+    torchvision builds them."""
+    B, C, H, W = x.shape
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    zero = torch.zeros_like(a)
+    theta = torch.stack([d, -b, zero, -c, a, zero], 1).float().view(B, 2, 3)
+    base = torch.empty(1, H, W, 3, device=x.device)
+    base[..., 0].copy_(torch.linspace(-W * 0.5 + 0.5, W * 0.5 - 0.5, steps=W, device=x.device))
+    base[..., 1].copy_(torch.linspace(-H * 0.5 + 0.5, H * 0.5 - 0.5, steps=H, device=x.device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * W, 0.5 * H], device=x.device)
+    grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(rescaled).view(B, H, W, 2)
+    out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round().to(x.dtype)
+
+
+def crop_shift(x, cx, cy, ox1, oy1, ox2, oy2):
+    """CropShift per image: cut a (W - cx) x (H - cy) window at (ox1, oy1), pad it with zeros by cx left and right
+    and cy top and bottom, cut W x H at (ox2, oy2): the content moves, the border is black."""
+    B, C, H, W = x.shape
+    r = torch.arange(H, device=x.device)[None] + (oy2 - cy)[:, None]  # B,H: rows of the window
+    c = torch.arange(W, device=x.device)[None] + (ox2 - cx)[:, None]
+    inside = ((r >= 0) & (r < (H - cy)[:, None]))[:, :, None] & ((c >= 0) & (c < (W - cx)[:, None]))[:, None, :]
+    rows, cols = (r + oy1[:, None]).clamp(0, H - 1), (c + ox1[:, None]).clamp(0, W - 1)
+    b = torch.arange(B, device=x.device)[:, None, None]
+    out = x[b, :, rows[:, :, None], cols[:, None, :]]  # B,H,W,C
+    return out.masked_fill(~inside[..., None], 0).permute(0, 3, 1, 2)
+
+
+def erase(x, i, j, h, w):
+    """Random erasing's rectangle per image (value 0; h = 0: none)."""
+    H, W = x.shape[-2:]
+    rows = torch.arange(H, device=x.device)[None]
+    cols = torch.arange(W, device=x.device)[None]
+    box = (((rows >= i[:, None]) & (rows < (i + h)[:, None]))[:, :, None]
+           & ((cols >= j[:, None]) & (cols < (j + w)[:, None]))[:, None, :])
+    return x.masked_fill(box[:, None], 0)
+
+
+def idbh_params(B, H, W, variant, g, device):
+    """Every random draw of IDBH for a batch, in a fixed order from generator g (float64 strengths)."""
+    shifts, table, p_erase, max_area = IDBH_VARIANTS[variant]
+    t = IDBH_TABLES[table]
+    u = lambda *shape: torch.rand(*shape, device=device, generator=g, dtype=torch.float64)  # noqa: E731
+    pick = lambda n, low=0: (u(B) * n).long().clamp(max=n - 1) + low  # noqa: E731 (uniform in low .. low + n - 1)
+    p = {"flip": u(B) < 0.5}
+    s = pick(shifts)  # CropShift: strength s, split as cx + cy, two offsets each
+    p["cx"] = (u(B) * (s + 1)).long().clamp(max=s)
+    p["cy"] = s - p["cx"]
+    for k, n in (("ox1", "cx"), ("oy1", "cy"), ("ox2", "cx"), ("oy2", "cy")):
+        p[k] = (u(B) * (p[n] + 1)).long().clamp(max=p[n])
+    cum = torch.tensor(t["p"], dtype=torch.float64, device=device).cumsum(0)
+    p["op"] = torch.searchsorted(cum, u(B), right=True).clamp(max=len(IDBH_OPS) - 1)
+    p["strength"] = u(B)  # in [0, 1), scaled per op below
+    p["axis_x"], p["negative"] = u(B) < 0.5, u(B) < 0.5
+    lo, hi = t["shear"]
+    p["shear"] = torch.rad2deg(lo + p["strength"] * (hi - lo)) * torch.where(p["negative"], -1.0, 1.0)
+    lo, hi = t["rotate"]
+    p["rotate"] = ((lo + p["strength"] * (hi - lo)).floor() * torch.where(p["negative"], -1.0, 1.0))
+    # random erasing (torchvision's RandomErasing, value 0): up to 10 tries of an area and an aspect ratio
+    area = H * W * (0.02 + u(B, 10) * (max_area - 0.02))
+    ratio = torch.exp(math.log(0.3) + u(B, 10) * (math.log(3.3) - math.log(0.3)))
+    h, w = (area * ratio).sqrt().round().long(), (area / ratio).sqrt().round().long()
+    fits = (h < H) & (w < W)
+    first = fits.long().argmax(1)
+    ok = fits.any(1) & (u(B) < p_erase)
+    h, w = h.gather(1, first[:, None])[:, 0] * ok, w.gather(1, first[:, None])[:, 0] * ok
+    p["erase"] = ((u(B) * (H - h + 1)).long().clamp(max=H - h), (u(B) * (W - w + 1)).long().clamp(max=W - w), h, w)
+    return p
+
+
+def idbh(x, variant, g):
+    """IDBH (`variant`, a key of IDBH_VARIANTS) on a uint8 batch (B,C,H,W) on its device, parameters drawn from
+    generator g; returns uint8."""
+    B, C, H, W = x.shape
+    p = idbh_params(B, H, W, variant, g, x.device)
+    x = torch.where(_per_image(p["flip"], x), x.flip(-1), x)
+    x = crop_shift(x, p["cx"], p["cy"], p["ox1"], p["oy1"], p["ox2"], p["oy2"])
+    out = x
+    for k, op in enumerate(IDBH_OPS):  # every op on the whole batch; each image keeps the one it drew
+        if op in COLOUR_RANGES:
+            lo, hi = COLOUR_RANGES[op]
+            y = adjust(x, op, lo + p["strength"] * (hi - lo))
+        elif op == "autocontrast":
+            y = autocontrast(x)
+        elif op == "equalize":
+            y = equalize(x)
+        elif op == "shear":
+            zero = torch.zeros_like(p["shear"])
+            y = affine_nearest(x, zero, torch.where(p["axis_x"], p["shear"], zero),
+                               torch.where(p["axis_x"], zero, p["shear"]))
+        else:  # torchvision's rotate is affine with the angle negated
+            zero = torch.zeros_like(p["rotate"])
+            y = affine_nearest(x, -p["rotate"], zero, zero)
+        out = torch.where(_per_image(p["op"] == k, x), y, out)
+    return erase(out, *p["erase"])  # value 0: the same before or after the conversion to [0, 1]
+
+
 def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, world=1, max_batches=None,
             memory_format=torch.contiguous_format, noise=None):
     """Yields (float images in [0,1], labels, noise), all on x's device. `augment`: None, or a data set's augmentation
@@ -304,7 +485,9 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
     for i in range(nb):
         j = idx[i * batch_size:(i + 1) * batch_size]
         xb, yb = x[j], y[j]
-        if augment:  # drawn for the whole global batch, identical on every rank and to a single-process run
+        if augment and augment.get("idbh"):  # drawn for the whole global batch, identical on every rank and to a
+            xb = idbh(xb, augment["idbh"], g)  # single-process run
+        elif augment:
             xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
         z = None
         if noise in ("uniform", "normal"):

@@ -126,6 +126,8 @@ def get_args(argv=None):
     p.add_argument("--val-size", type=int, help="held-out training images for choosing best.pt")
     p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
     p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
+    p.add_argument("--augment", default="crop-flip", choices=["crop-flip", *data.IDBH_VARIANTS],
+                   help="crop-flip: pad, crop and flip; idbh-*: the IDBH variants of Li and Spratling (see data.py)")
     p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
     p.add_argument("--wa-mode", default="ema", choices=["ema", "swa"])
     p.add_argument("--wa-decay", type=float, default=0.999)
@@ -186,7 +188,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same on every rank: the same initial weights
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate)
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate,
+                   idbh=None if args.augment == "crop-flip" else args.augment)
     n_train = len(ds["train_x"])
     nb = data.num_batches(n_train, args.batch_size, args.max_batches)
     seen = min(n_train, nb * args.batch_size)  # images an epoch trains on, over all processes

@@ -1949,8 +1949,9 @@ def assert_close_states(a, b, atol=0.0):
 
 DDP_ARGS = ["--dataset", "synthetic", "--arch", "cnn", "--max-batches", "3", "--val-size", "50",
             "--batch-size", "32", "--milestones", "1", "--device", "cpu"]  # gloo: CPU processes, also with DEVICE=cuda
-METHOD_ARGS = {"at": ["--norm", "L2"], "sar": [], "iseat": ["--random-start"], "trades": [], "mart": []}  # at: L2's
-# random start (a point of the unit ball per image) drawn for the global batch too
+METHOD_ARGS = {"at": ["--norm", "L2"], "sar": [], "iseat": ["--random-start"], "mart": [],
+               "trades": ["--augment", "idbh-cifar10-strong"]}  # at: L2's random start (a point of the unit ball per
+# image) drawn for the global batch too; trades: IDBH's draws too
 
 
 @pytest.mark.slow
@@ -2675,3 +2676,98 @@ def test_robustbench_protocol_and_claim(cifar, tmp_path, capsys):
     one_line_error(evaluate.main, ck, "--robustbench", "--n-examples", "100",
                    match="--robustbench fixes --n-examples to 10000")
     one_line_error(evaluate.main, ck, "--robustbench", "--eps", "4/255", match="--robustbench evaluates at Linf 8/255")
+
+
+# ---------------------------------------------------------------- IDBH, on the device
+
+def test_idbh_operations_equal_torchvision_on_single_images():
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    torch.manual_seed(0)
+    for channels in (3, 1):
+        x = torch.randint(0, 256, (6, channels, 32, 32), dtype=torch.uint8)
+        x[0] = x[0] // 4 + 100  # low contrast: autocontrast and equalize have work to do
+        x[1, 0] = 7  # a constant channel: left as it is
+        x[2] = torch.randint(0, 3, (channels, 32, 32), dtype=torch.uint8) * 100  # few grey levels
+        f = torch.tensor([0.1, 0.37, 0.5, 1.0, 1.43, 1.9], dtype=torch.float64)
+        for op, ref in (("saturation", TF.adjust_saturation), ("brightness", TF.adjust_brightness),
+                        ("contrast", TF.adjust_contrast), ("sharpness", TF.adjust_sharpness)):
+            got = data.adjust(x.to(DEV), op, f.to(DEV)).cpu()
+            want = torch.stack([ref(x[i], float(f[i])) for i in range(len(x))])
+            if DEV == "cpu":  # the same float32 operations in the same order: bitwise
+                assert torch.equal(got, want), op
+            assert (got.int() - want.int()).abs().max() <= 1, op  # on a GPU, rounding: at most 1 of 255, rarely
+            assert (got != want).float().mean() < 1e-3, op
+        assert torch.equal(data.autocontrast(x.to(DEV)).cpu(), torch.stack([TF.autocontrast(i) for i in x]))
+        assert torch.equal(data.equalize(x.to(DEV)).cpu(), torch.stack([TF.equalize(i) for i in x]))
+        deg = torch.tensor([-20.05, -8.6, -2.9, 3.0, 8.6, 20.05], dtype=torch.float64)
+        zero = torch.zeros_like(deg)
+        nearest = InterpolationMode.NEAREST
+        for axis in (0, 1):
+            got = data.affine_nearest(x.to(DEV), zero.to(DEV), (deg if axis == 0 else zero).to(DEV),
+                                      (zero if axis == 0 else deg).to(DEV)).cpu()
+            want = torch.stack([TF.affine(x[i], angle=0.0, translate=[0, 0], scale=1.0,
+                                          shear=[float(deg[i]), 0.0] if axis == 0 else [0.0, float(deg[i])],
+                                          interpolation=nearest, fill=0) for i in range(len(x))])
+            assert torch.equal(got, want) if DEV == "cpu" else (got != want).float().mean() < 1e-3  # GPU: a tie
+        rot = torch.tensor([-30.0, -10.0, -1.0, 1.0, 10.0, 30.0], dtype=torch.float64)
+        got = data.affine_nearest(x.to(DEV), -rot.to(DEV), zero.to(DEV), zero.to(DEV)).cpu()
+        want = torch.stack([TF.rotate(x[i], float(rot[i]), interpolation=nearest, fill=0) for i in range(len(x))])
+        assert torch.equal(got, want) if DEV == "cpu" else (got != want).float().mean() < 1e-3
+        # CropShift against the released sequence of crop, pad and crop; erasing against torchvision's erase
+        cx, cy = torch.tensor([0, 3, 10, 5, 0, 2]), torch.tensor([0, 7, 0, 5, 9, 0])
+        ox1, oy1 = torch.tensor([0, 2, 10, 1, 0, 1]), torch.tensor([0, 7, 0, 4, 3, 0])
+        ox2, oy2 = torch.tensor([0, 0, 4, 5, 0, 2]), torch.tensor([0, 1, 0, 2, 9, 0])
+        got = data.crop_shift(x.to(DEV), *(t.to(DEV) for t in (cx, cy, ox1, oy1, ox2, oy2))).cpu()
+        for i in range(len(x)):
+            w = TF.crop(x[i], int(oy1[i]), int(ox1[i]), 32 - int(cy[i]), 32 - int(cx[i]))
+            w = TF.pad(w, padding=[int(cx[i]), int(cy[i])], fill=0)
+            assert torch.equal(got[i], TF.crop(w, int(oy2[i]), int(ox2[i]), 32, 32)), i
+        box = [torch.tensor(v) for v in ([0, 3, 10, 0, 20, 5], [0, 4, 0, 9, 1, 5], [0, 5, 22, 32, 3, 1],
+                                         [0, 7, 11, 1, 30, 2])]
+        got = data.erase(x.float().to(DEV), *(t.to(DEV) for t in box)).cpu()
+        want = torch.stack([TF.erase(x[i].float(), int(box[0][i]), int(box[1][i]), int(box[2][i]), int(box[3][i]),
+                                     torch.tensor(0.0)) for i in range(len(x))])
+        assert torch.equal(got, want)
+
+
+def test_idbh_draws_follow_the_tables():
+    g = torch.Generator(device=DEV).manual_seed(0)
+    n = 40000
+    for variant in data.IDBH_VARIANTS:
+        shifts, table, p_erase, max_area = data.IDBH_VARIANTS[variant]
+        t = data.IDBH_TABLES[table]
+        p = data.idbh_params(n, 32, 32, variant, g, DEV)
+        p = {k: (tuple(v.cpu() for v in val) if isinstance(val, tuple) else val.cpu()) for k, val in p.items()}
+        for k, want in enumerate(t["p"]):  # each op's frequency, within 4 standard deviations
+            got = (p["op"] == k).double().mean().item()
+            assert abs(got - want) < 4 * math.sqrt(want * (1 - want) / n), (variant, data.IDBH_OPS[k], got)
+        s = p["cx"] + p["cy"]
+        assert s.min() == 0 and s.max() == shifts - 1 and abs(s.double().mean() - (shifts - 1) / 2) < 0.1
+        assert (p["ox1"] <= p["cx"]).all() and (p["oy2"] <= p["cy"]).all() and (p["cx"] >= 0).all()
+        assert abs(p["flip"].double().mean() - 0.5) < 0.02
+        rot = p["rotate"]
+        assert set(rot.abs().long().tolist()) == set(range(*t["rotate"])) and abs((rot < 0).double().mean() - .5) < .02
+        shear = torch.deg2rad(p["shear"].abs())
+        assert shear.min() >= t["shear"][0] and shear.max() <= t["shear"][1]
+        i, j, h, w = p["erase"]
+        erased = h > 0
+        assert abs(erased.double().mean() - p_erase) < 0.02, variant  # the tries almost always fit at 32 px
+        frac = (h * w)[erased].double() / 1024
+        assert frac.min() > 0.015 and frac.max() < max_area + 0.05 and ((i + h) <= 32).all() and ((j + w) <= 32).all()
+
+
+def test_idbh_training_resumes_bitwise(tmp_path):
+    base = ["--dataset", "synthetic", "--arch", "cnn", "--milestones", "--batch-size", "16", "--max-batches", "2",
+            "--val-size", "20", "--steps", "2", "--augment", "idbh-cifar10-strong", "--device", DEV]
+    at.main(base + ["--epochs", "2", "--out", str(tmp_path / "straight")])
+    at.main(base + ["--epochs", "1", "--out", str(tmp_path / "resumed")])
+    at.main(base + ["--epochs", "2", "--out", str(tmp_path / "resumed"), "--resume"])
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for k in a["model"]:
+        assert same(a["model"][k], b["model"][k]), k
+    # the batches are IDBH's: erased rectangles and black borders appear, the images differ from crop-flip's
+    ds = data.load("synthetic", val_size=0, idbh="idbh-cifar10-strong")
+    (x, _, _), = data.batches(ds["train_x"][:64], ds["train_y"][:64], 64, shuffle=True, augment=ds["augment"],
+                              seed=1)
+    assert ((x == 0).flatten(1).float().mean(1) > 0.02).float().mean() > 0.9  # erasing p 1: a black patch each
