@@ -286,6 +286,128 @@ def random_augment(x, pad, flip=True, pad_mode="zero", rotate_deg=0.0, generator
     return x
 
 
+# ---------------------------------------------------------------- extra and generated training images
+# Carmon et al.'s ti_500K_pseudo_labeled.pickle (`data`: N x 32 x 32 x 3 uint8, `extrapolated_targets`) and the
+# generated-image .npz files of Rebuffi et al. / Wang et al. (`image`, `label`). A pickle is code: it is read with an
+# unpickler that builds numpy arrays and nothing else. An uncompressed .npz member is memory-mapped where it lies;
+# a compressed one is decompressed once into a .npy cache beside the run's data (--data-dir), then memory-mapped.
+_ARRAY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar")}
+
+
+def _read_pickle(path):
+    import pickle
+
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _ARRAY_GLOBALS:
+                return super().find_class(module, name)
+            raise SystemExit(f"error: refusing to load {path}: the pickle holds {module}.{name}, not only arrays (a "
+                             f"pickle is code); save its arrays with numpy.savez(FILE.npz, image=..., label=...)")
+    try:
+        with open(path, "rb") as f:
+            obj = ArraysOnly(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: cannot read {path} as a pickle ({str(e)[:100]}); pass the intact file") from None
+    if not isinstance(obj, dict) or "data" not in obj or "extrapolated_targets" not in obj:
+        raise SystemExit(f"error: {path} holds {type(obj).__name__}"
+                         f"{' with keys ' + ', '.join(map(str, obj)) if isinstance(obj, dict) else ''}; Carmon et "
+                         f"al.'s pickle is a dict with data and extrapolated_targets")
+    return np.asarray(obj["data"]), np.asarray(obj["extrapolated_targets"])
+
+
+def _npy_header(f, version):
+    """(shape, fortran order, dtype) of an .npy header, read with numpy's public readers."""
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise SystemExit(f"error: an .npy member of format {version[0]}.{version[1]}: save it with numpy.savez")
+    return read(f)
+
+
+def _npz_member(path, name, cache_dir):
+    """One array of an .npz, memory-mapped: in place when stored uncompressed, else from a .npy cache."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name + ".npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)  # the member's local header: its data follow the name and the extra field
+                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+                    int.from_bytes(local[28:30], "little")
+                f.seek(start)
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = _npy_header(f, version)
+                offset = f.tell()
+            if dtype.hasobject:
+                raise SystemExit(f"error: {path}: {name} holds Python objects, not numbers; save plain arrays")
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{name}.{info.CRC:08x}.npy")
+        if not os.path.exists(cache):
+            os.makedirs(cache_dir, exist_ok=True)
+            print(f"decompressing {name} of {path} once into {cache} (a memory-mapped copy)")
+            with z.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                shape, fortran, dtype = _npy_header(member, version)
+                if dtype.hasobject:
+                    raise SystemExit(f"error: {path}: {name} holds Python objects, not numbers; save plain arrays")
+                tmp = f"{cache}.tmp{os.getpid()}"
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran)
+                flat = out.reshape(-1, order="A")
+                step, done = 1 << 24, 0
+                while done < flat.size:
+                    chunk = np.frombuffer(member.read(min(step, flat.size - done) * dtype.itemsize), dtype=dtype)
+                    flat[done:done + len(chunk)] = chunk
+                    done += len(chunk)
+                out.flush()
+                del out, flat
+            os.replace(tmp, cache)
+        return np.load(cache, mmap_mode="r")
+
+
+def load_extra(path, shape, num_classes, cache_dir="data"):
+    """The extra training images of `path` as (N x C x H x W uint8 array-like, int64 labels): checked against the
+    data set's image shape (C, H, W) and classes, each problem one line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --extra-data {path} does not exist")
+    if path.endswith(".npz"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n[:-4] for n in z.namelist()]
+        except zipfile.BadZipFile:
+            raise SystemExit(f"error: {path} is not an .npz file (a zip of .npy arrays)") from None
+        if "image" not in names or "label" not in names:
+            raise SystemExit(f"error: {path} holds {', '.join(names)}; the generated-image files hold image and label")
+        images, labels = _npz_member(path, "image", cache_dir), _npz_member(path, "label", cache_dir)
+    else:
+        images, labels = _read_pickle(path)
+    C, H, W = shape
+    if images.ndim != 4 or tuple(images.shape[1:]) != (H, W, C) or images.dtype != np.uint8:
+        raise SystemExit(f"error: {path}: images of shape {tuple(images.shape)} and type {images.dtype}; this data set "
+                         f"needs N x {H} x {W} x {C} uint8")
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise SystemExit(f"error: {path}: {labels.shape} {labels.dtype} labels for {len(images)} images; give one "
+                         f"integer label per image")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise SystemExit(f"error: {path}: labels {labels.min()} .. {labels.max()} fall outside the data set's "
+                         f"{num_classes} classes")
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def attach_extra(path, ds, device, where="auto", cache_dir="data"):
+    """The extra set for batches(): on the device when `where` is device, or auto and it takes under a quarter of
+    the GPU's free memory (always on a CPU); else on the host, memory-mapped, each batch read while the step before
+    runs. Labels live on the device."""
+    images, labels = load_extra(path, tuple(ds["train_x"].shape[1:]), ds["num_classes"], cache_dir)
+    if where == "auto":
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+        where = "device" if images.nbytes < free / 4 else "host"
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous().to(device) \
+        if where == "device" else images
+    return dict(x=x, y=labels.to(device), host=where == "host", path=path)
+
+
 # ---------------------------------------------------------------- IDBH (Li and Spratling, ICLR 2023), on the device
 # Per image, in this order: horizontal flip (p 1/2), CropShift, one colour/shape operation drawn from a table with a
 # random strength, then (after the conversion to [0, 1]) random erasing. Every parameter is drawn per image for the
@@ -468,23 +590,54 @@ def idbh(x, variant, g):
 
 
 def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, world=1, max_batches=None,
-            memory_format=torch.contiguous_format, noise=None):
+            memory_format=torch.contiguous_format, noise=None, extra=None, extra_per_batch=0):
     """Yields (float images in [0,1], labels, noise), all on x's device. `augment`: None, or a data set's augmentation
     settings (load()["augment"]). With world > 1 every global batch of `batch_size` is split across ranks and rank
     `rank` gets its part (torch.tensor_split: contiguous shards in rank order): the permutation and the augmentation
     are drawn for the global batch from `seed`, so the data equal those of a single-process run. `noise` ("uniform":
     U(0, 1), "normal": N(0, 1), "ball": a point of the unit L2 ball per image, or None) is drawn the same way, one
     tensor shaped like the global batch, of which the rank gets its share: the random start of a training attack, the
-    same for any number of processes."""
+    same for any number of processes. `extra` (attach_extra's) adds extra_per_batch images to every global batch,
+    in the order of a permutation of the extra set drawn from `seed` on the CPU (the same images wherever the set
+    lives), before the augmentation."""
     n = len(x)
     # with a seed, order, augmentation and noise come from a generator of their own: they do not depend on how much
     # randomness the training step draws, so they are the same for any number of processes
     g = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
     idx = torch.randperm(n, device=x.device, generator=g) if shuffle else torch.arange(n, device=x.device)
     nb = num_batches(n, batch_size, max_batches)
+    if extra is not None and extra_per_batch:
+        ne = len(extra["y"])
+        order = torch.randperm(ne, generator=torch.Generator().manual_seed(seed + 7))
+
+        def fetch(i):  # batch i's extra images: read from the host copy in a thread while batch i - 1 trains
+            k = order[(i * extra_per_batch + torch.arange(extra_per_batch)) % ne]
+            if not extra["host"]:
+                return extra["x"][k.to(x.device)], k
+            s = k.argsort()  # in file order, for the memory map
+            rows = torch.from_numpy(np.ascontiguousarray(extra["x"][k[s].numpy()]))[s.argsort()]
+            return rows.permute(0, 3, 1, 2), k
+
+        from concurrent.futures import Future, ThreadPoolExecutor
+        pool = ThreadPoolExecutor(1)
+
+        def submit(i):  # the host copy is read in the background; the device copy is indexed where it lies
+            if extra["host"]:
+                return pool.submit(fetch, i)
+            done = Future()
+            done.set_result(fetch(i))
+            return done
+        coming = submit(0)
     for i in range(nb):
         j = idx[i * batch_size:(i + 1) * batch_size]
         xb, yb = x[j], y[j]
+        if extra is not None and extra_per_batch:
+            xe, k = coming.result()
+            if i + 1 < nb:
+                coming = submit(i + 1)
+            if extra["host"] and x.device.type == "cuda":
+                xe = xe.pin_memory().to(x.device, non_blocking=True)
+            xb, yb = torch.cat([xb, xe.to(x.device)]), torch.cat([yb, extra["y"][k.to(x.device)]])
         if augment and augment.get("idbh"):  # drawn for the whole global batch, identical on every rank and to a
             xb = idbh(xb, augment["idbh"], g)  # single-process run
         elif augment:

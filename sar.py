@@ -126,6 +126,13 @@ def get_args(argv=None):
     p.add_argument("--val-size", type=int, help="held-out training images for choosing best.pt")
     p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
     p.add_argument("--rotate", type=float, default=0.0, help="random rotation, max degrees (Rice's CIFAR-100: 15)")
+    p.add_argument("--extra-data", default=None, metavar="FILE",
+                   help="extra training images: Carmon et al.'s 500K .pickle or a generated-image .npz")
+    p.add_argument("--extra-fraction", type=float, default=None,
+                   help="each batch of --batch-size holds round(f B) extra images (Gowal/Rebuffi/Wang: 0.7); default: "
+                        "B labelled + B extra (ISEAT's --rst)")
+    p.add_argument("--extra-on", default="auto", choices=["auto", "device", "host"],
+                   help="where the extra set lives (auto: the device if it fits in a quarter of its free memory)")
     p.add_argument("--augment", default="crop-flip", choices=["crop-flip", *data.IDBH_VARIANTS],
                    help="crop-flip: pad, crop and flip; idbh-*: the IDBH variants of Li and Spratling (see data.py)")
     p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py) and validate it too")
@@ -191,8 +198,14 @@ def main(argv=None):
     ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate,
                    idbh=None if args.augment == "crop-flip" else args.augment)
     n_train = len(ds["train_x"])
+    # extra images: B extra joined to every batch of B (ISEAT's --rst), or a fraction f of every batch of B; an epoch
+    # is ceil(labelled images / B) batches either way. Validation and test never see them.
+    extra = data.attach_extra(args.extra_data, ds, device, args.extra_on, args.data_dir) if args.extra_data else None
+    b_extra = 0 if extra is None else args.batch_size if args.extra_fraction is None else \
+        round(args.extra_fraction * args.batch_size)
+    b_lab = args.batch_size - (b_extra if args.extra_fraction is not None else 0)  # labelled images per batch
     nb = data.num_batches(n_train, args.batch_size, args.max_batches)
-    seen = min(n_train, nb * args.batch_size)  # images an epoch trains on, over all processes
+    seen = sum(min(b_lab, n_train - i * b_lab) + b_extra for i in range(nb))  # images an epoch trains on
     if main_rank:
         os.makedirs(args.out, exist_ok=True)  # made only now: a run that cannot start leaves no folder
     # model: the weights (optimised, averaged, validated, saved); net: the same network as the step calls it
@@ -234,7 +247,9 @@ def main(argv=None):
             f"ema (decay {args.wa_decay:g} after every step{', warmed up' if args.wa_warmup else ''})")
         print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train / {len(ds['val_x'])} val), {device} x "
               f"{world}, train {train}, validation {'clean' if args.eps == 0 else f'clean + PGD-{args.val_steps}'}, "
-              f"amp={args.amp}, compile={args.compile}, wa={wa_text}", flush=True)
+              f"amp={args.amp}, compile={args.compile}, wa={wa_text}" + ("" if extra is None else
+              f", extra images: {len(extra['y'])} from {args.extra_data} ({b_lab} labelled + {b_extra} extra a "
+              f"batch, {'memory-mapped on the host' if extra['host'] else 'on the device'})"), flush=True)
     # ---- end shared ----
 
     for epoch in range(start, args.epochs):
@@ -255,11 +270,11 @@ def main(argv=None):
         lam = args.sar_lambda if epoch >= args.sar_start_epoch else 0.0  # before it: plain AT, no clean forward
         term_on = lam > 0
         for i, (x, y, noise) in enumerate(data.batches(
-                ds["train_x"], ds["train_y"], args.batch_size, shuffle=True, augment=ds["augment"], seed=epoch_seed,
-                rank=rank, world=world, max_batches=args.max_batches, memory_format=mem,
+                ds["train_x"], ds["train_y"], b_lab, shuffle=True, augment=ds["augment"], seed=epoch_seed, rank=rank,
+                world=world, max_batches=nb, memory_format=mem, extra=extra, extra_per_batch=b_extra,
                 noise="uniform" if args.norm == "Linf" else "ball")):
             # several processes: the DFT runs over the logits of the global batch, gathered with autograd
-            gather = data.gatherer(data.shard_sizes(min(args.batch_size, n_train - i * args.batch_size), world)) \
+            gather = data.gatherer(data.shard_sizes(min(b_lab, n_train - i * b_lab) + b_extra, world)) \
                 if world > 1 else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits, reg = sar_objective(net, x, y, args.eps, args.alpha, args.steps, lam, args.sar_fft,
@@ -407,7 +422,9 @@ def parse(p, argv):
             (a.timeout > 0, f"--timeout {a.timeout:g}: use a positive number of seconds"),
             (0 < a.wa_decay < 1, f"--wa-decay {a.wa_decay:g}: use a decay in (0, 1), e.g. 0.999"),
             (0 <= a.rotate <= 180, f"--rotate {a.rotate:g}: use 0 .. 180 degrees"),
-            (a.seed >= 0, f"--seed {a.seed}: use a seed >= 0")):
+            (a.seed >= 0, f"--seed {a.seed}: use a seed >= 0"),
+            (a.extra_fraction is None or (a.extra_data and 0 < a.extra_fraction < 1),
+             f"--extra-fraction {a.extra_fraction}: give a fraction in (0, 1) of each batch, with --extra-data")):
         require(ok, message)
     try:
         device = torch.device(a.device)

@@ -1963,6 +1963,10 @@ def test_torchrun_gives_the_one_process_result(cifar, tmp_path, method):
     # entry is ~0 and rounding differs (batch statistics summed in another order), which after a few steps moves
     # the weights by 1e-2 in either precision's own noise.
     args = DDP_ARGS + METHOD_ARGS[method] + ["--epochs", "2", "--wa", "--wa-mode", "swa"]
+    if method == "sar":  # extra images in every batch (a fraction), the DFT over the global mixed batch
+        write_extra(tmp_path / "gen.npz", 40)
+        args += ["--extra-data", str(tmp_path / "gen.npz"), "--extra-fraction", "0.25", "--data-dir",
+                 str(tmp_path / "cache")]
     if method == "at":  # files on disk: rank 0 reads (or downloads) first, the others wait for it
         args += ["--dataset", "cifar10", "--data-dir", cifar[0]]
     single, _ = launch(tmp_path, method, args + ["--out", str(tmp_path / "single")], nproc=0, double=True,
@@ -2771,3 +2775,93 @@ def test_idbh_training_resumes_bitwise(tmp_path):
     (x, _, _), = data.batches(ds["train_x"][:64], ds["train_y"][:64], 64, shuffle=True, augment=ds["augment"],
                               seed=1)
     assert ((x == 0).flatten(1).float().mean(1) > 0.02).float().mean() > 0.9  # erasing p 1: a black patch each
+
+
+# ---------------------------------------------------------------- extra and generated data
+
+def write_extra(path, n, size=32, classes=10, seed=0, compressed=False, kind="npz"):
+    rng = np.random.default_rng(seed)
+    images, labels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), rng.integers(0, classes, n)
+    if kind == "npz":
+        (np.savez_compressed if compressed else np.savez)(path, image=images, label=labels)
+    else:  # Carmon et al.'s pickle: a dict of arrays
+        with open(path, "wb") as f:
+            pickle.dump({"data": images, "extrapolated_targets": labels}, f)
+    return images, labels
+
+
+def test_extra_data_files_and_how_batches_mix_them(tmp_path):
+    shape, cache = (3, 32, 32), str(tmp_path / "cache")
+    for kind, compressed in (("npz", False), ("npz", True), ("pickle", False)):
+        path = str(tmp_path / f"extra-{kind}-{compressed}.{kind}")
+        images, labels = write_extra(path, 50, compressed=compressed, kind=kind)
+        x, y = data.load_extra(path, shape, 10, cache)
+        assert np.array_equal(np.asarray(x), images) and torch.equal(y, torch.from_numpy(labels))
+        if kind == "npz":
+            assert isinstance(x, np.memmap)  # in place (stored) or from the .npy cache (compressed): never in memory
+        if kind == "npz":  # a cache only for the compressed file
+            assert os.path.isdir(tmp_path / "cache") == compressed
+    # bad files: one line each
+    np.savez(tmp_path / "keys.npz", images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2))
+    np.savez(tmp_path / "shape.npz", image=np.zeros((2, 28, 28, 1), np.uint8), label=np.zeros(2, np.int64))
+    np.savez(tmp_path / "classes.npz", image=np.zeros((2, 32, 32, 3), np.uint8), label=np.array([3, 10]))
+    (tmp_path / "text.npz").write_text("not a zip")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    with open(tmp_path / "evil.pickle", "wb") as f:
+        pickle.dump({"data": Evil(), "extrapolated_targets": [1]}, f)
+    for name, match in (("keys.npz", "holds images, labels; the generated-image files hold image and label"),
+                        ("shape.npz", r"images of shape \(2, 28, 28, 1\).*needs N x 32 x 32 x 3 uint8"),
+                        ("classes.npz", r"labels 3 .. 10 fall outside the data set's 10 classes"),
+                        ("text.npz", "is not an .npz file"), ("nothing.npz", "does not exist"),
+                        ("evil.pickle", r"refusing to load .*evil.pickle: the pickle holds posix.system")):
+        one_line_error(lambda a: data.load_extra(a[0], shape, 10, cache), str(tmp_path / name), match=match)
+    assert not marker.exists()
+    one_line_error(at.main, "--extra-fraction", "0.7", match="--extra-fraction 0.7: .* with --extra-data")
+    # batches: B labelled + E extra images a batch, the extra ones in the order of the epoch's permutation of the set
+    images, labels = write_extra(tmp_path / "mix.npz", 30)
+    ds = data.load("synthetic", val_size=0)
+    for where in ("device", "host"):
+        extra = data.attach_extra(str(tmp_path / "mix.npz"), ds, torch.device(DEV), where, cache)
+        got = list(data.batches(ds["train_x"][:40], ds["train_y"][:40], 8, shuffle=True, seed=5, max_batches=5,
+                                extra=extra, extra_per_batch=12))
+        assert [len(b[1]) for b in got] == [20] * 5
+        order = torch.randperm(30, generator=torch.Generator().manual_seed(5 + 7))
+        want = order[torch.arange(60) % 30]  # 5 batches of 12 from a set of 30: the permutation, then again
+        for i, (x, y, _) in enumerate(got):
+            k = want[12 * i:12 * (i + 1)]
+            assert torch.equal((x[8:] * 255).round().byte().cpu(), torch.from_numpy(images[k.numpy()]).permute(0, 3, 1, 2))
+            assert torch.equal(y[8:].cpu(), torch.from_numpy(labels[k.numpy()]))
+            assert set(y[:8].tolist()) <= set(ds["train_y"][:40].tolist())
+
+
+@pytest.mark.slow
+def test_extra_data_in_the_methods_batch_terms_resume_and_residency(tmp_path, monkeypatch):
+    write_extra(tmp_path / "ti.pickle", 64, kind="pickle")
+    base = ["--dataset", "synthetic", "--arch", "cnn", "--milestones", "--batch-size", "16", "--max-batches", "2",
+            "--val-size", "20", "--steps", "1", "--extra-data", str(tmp_path / "ti.pickle"), "--data-dir",
+            str(tmp_path / "cache"), "--device", DEV]
+    # ISEAT's --rst: every batch of 16 joined by 16 extra images; the ranks run over all 32
+    sizes = []
+    real = iseat.rank_weights
+    monkeypatch.setattr(iseat, "rank_weights", lambda av: sizes.append(len(av)) or real(av))
+    iseat.main(base + ["--epochs", "1", "--lam", "0.1", "--out", str(tmp_path / "iseat")])
+    assert sizes == [32, 32]
+    # SAR's DFT over the mixed batch: a fraction 0.25 of every batch of 16 is extra
+    rows = []
+    real_loss = sar.sar_loss
+    monkeypatch.setattr(sar, "sar_loss", lambda a, b, fft: rows.append(len(a)) or real_loss(a, b, fft))
+    sar.main(base + ["--epochs", "1", "--extra-fraction", "0.25", "--out", str(tmp_path / "sar")])
+    assert rows == [16, 16]
+    log = json.loads(open(tmp_path / "sar" / "log.jsonl").readline())
+    assert log["img_per_s"] > 0
+    # resume is bitwise, and the set on the host (memory-mapped) gives the weights of the set on the device
+    at.main(base + ["--epochs", "2", "--out", str(tmp_path / "straight"), "--extra-on", "device"])
+    at.main(base + ["--epochs", "1", "--out", str(tmp_path / "resumed"), "--extra-on", "host"])
+    at.main(base + ["--epochs", "2", "--out", str(tmp_path / "resumed"), "--extra-on", "host", "--resume"])
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    for k in a["model"]:
+        assert same(a["model"][k], b["model"][k]), k
