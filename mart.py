@@ -138,7 +138,7 @@ def get_args(argv=None):
     p.add_argument("--extra-data", default=None, metavar="FILE",
                    help="extra training images: Carmon et al.'s 500K .pickle or a generated-image .npz")
     p.add_argument("--extra-fraction", type=float, default=None,
-                   help="each batch of --batch-size holds round(f B) extra images (Gowal/Rebuffi/Wang: 0.7); default: "
+                   help="each batch of --batch-size holds int(f B) extra images (Gowal/Rebuffi/Wang: 0.7); default: "
                         "B labelled + B extra (ISEAT's --rst)")
     p.add_argument("--extra-on", default="auto", choices=["auto", "device", "host"],
                    help="where the extra set lives (auto: the device if it fits in a quarter of its free memory)")
@@ -212,7 +212,7 @@ def main(argv=None):
     # is ceil(labelled images / B) batches either way. Validation and test never see them.
     extra = data.attach_extra(args.extra_data, ds, device, args.extra_on, args.data_dir) if args.extra_data else None
     b_extra = 0 if extra is None else args.batch_size if args.extra_fraction is None else \
-        round(args.extra_fraction * args.batch_size)
+        int(args.extra_fraction * args.batch_size)  # int(), as the authors' sampler
     b_lab = args.batch_size - (b_extra if args.extra_fraction is not None else 0)  # labelled images per batch
     nb = data.num_batches(n_train, args.batch_size, args.max_batches)
     seen = sum(min(b_lab, n_train - i * b_lab) + b_extra for i in range(nb))  # images an epoch trains on

@@ -2865,3 +2865,13 @@ def test_extra_data_in_the_methods_batch_terms_resume_and_residency(tmp_path, mo
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     for k in a["model"]:
         assert same(a["model"][k], b["model"][k]), k
+
+
+def test_trades_label_smoothing_matches_the_smoothed_target():
+    torch.manual_seed(0)
+    za, zc, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    for s in (0.0, 0.1):
+        target = (1 - s) * F.one_hot(y, 10).float() + s / 10  # (1 - s) one-hot + s / C
+        ce = -(target * F.log_softmax(zc, 1)).sum(1).mean()
+        kl = (F.softmax(zc, 1) * (F.log_softmax(zc, 1) - F.log_softmax(za, 1))).sum(1).mean()
+        assert torch.allclose(trades.trades_loss(za, zc, y, 5.0, s), ce + 5.0 * kl, atol=1e-6), s

@@ -64,9 +64,11 @@ def trades_kl(logits_adv, logits_clean):
     return F.kl_div(log_p_adv, p_clean, reduction="sum") / len(logits_adv)
 
 
-def trades_loss(logits_adv, logits_clean, y, beta=6.0):
-    """CE(f(x), y) + beta * (1/B) sum_i KL( softmax f(x_i) || softmax f(x'_i) )."""
-    return F.cross_entropy(logits_clean.float(), y) + beta * trades_kl(logits_adv, logits_clean)
+def trades_loss(logits_adv, logits_clean, y, beta=6.0, label_smoothing=0.0):
+    """CE(f(x), y) + beta * (1/B) sum_i KL( softmax f(x_i) || softmax f(x'_i) ); label_smoothing s: the CE's target
+    is (1 - s) one-hot + s / C (Wang et al.'s recipe: 0.1; the released TRADES: 0)."""
+    return F.cross_entropy(logits_clean.float(), y, label_smoothing=label_smoothing) + \
+        beta * trades_kl(logits_adv, logits_clean)
 
 
 def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf"):
@@ -91,7 +93,8 @@ def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf"):
     return x_adv.clamp(0, 1).detach()
 
 
-def trades_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0, noise=None, norm="Linf"):
+def trades_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0, noise=None, norm="Linf",
+                     label_smoothing=0.0):
     """TRADES' loss on one batch, as the released trades_loss: the KL attack in eval mode, then in train mode one
     clean and one adversarial forward, CE(f(x), y) + beta * KL, gradients through both. `noise`: the N(0, I) draw of
     the start (default: drawn here). Returns (loss, adversarial logits, the KL term detached); the caller owns
@@ -102,7 +105,7 @@ def trades_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0
     model.train()
     logits_clean = model(x)  # feeds the CE and the KL target
     logits_adv = model(x_adv)
-    loss = trades_loss(logits_adv, logits_clean, y, beta)
+    loss = trades_loss(logits_adv, logits_clean, y, beta, label_smoothing)
     model.train(was_training)
     return loss, logits_adv, trades_kl(logits_adv.detach(), logits_clean.detach())
 
@@ -132,7 +135,7 @@ def get_args(argv=None):
     p.add_argument("--extra-data", default=None, metavar="FILE",
                    help="extra training images: Carmon et al.'s 500K .pickle or a generated-image .npz")
     p.add_argument("--extra-fraction", type=float, default=None,
-                   help="each batch of --batch-size holds round(f B) extra images (Gowal/Rebuffi/Wang: 0.7); default: "
+                   help="each batch of --batch-size holds int(f B) extra images (Gowal/Rebuffi/Wang: 0.7); default: "
                         "B labelled + B extra (ISEAT's --rst)")
     p.add_argument("--extra-on", default="auto", choices=["auto", "device", "host"],
                    help="where the extra set lives (auto: the device if it fits in a quarter of its free memory)")
@@ -160,6 +163,8 @@ def get_args(argv=None):
     # ---- end shared ----
     p.set_defaults(epochs=100, milestones=[75, 90], val_steps=10, val_size=1000)  # the SAR paper's baseline schedule
     p.add_argument("--beta", type=float, default=6.0, help="weight of the KL term")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the clean CE term (Wang et al. 2023's generated-data recipe: 0.1)")
     p.add_argument("--released", action="store_true",
                    help="the released script's settings: eps 0.031, step 0.007, weight decay 2e-4, 76 epochs, "
                         "lr x0.1 from its epoch 75 (--milestones 74 89 99) (flags given explicitly still win)")
@@ -167,6 +172,7 @@ def get_args(argv=None):
         p.set_defaults(eps=0.031, alpha=0.007, wd=2e-4, epochs=76, milestones=[74, 89, 99])
     args = parse(p, argv)
     require(args.beta >= 0, f"--beta {args.beta:g}: use a weight >= 0")
+    require(0 <= args.label_smoothing < 1, f"--label-smoothing {args.label_smoothing:g}: use 0 <= s < 1")
     return args
 
 
@@ -204,7 +210,7 @@ def main(argv=None):
     # is ceil(labelled images / B) batches either way. Validation and test never see them.
     extra = data.attach_extra(args.extra_data, ds, device, args.extra_on, args.data_dir) if args.extra_data else None
     b_extra = 0 if extra is None else args.batch_size if args.extra_fraction is None else \
-        round(args.extra_fraction * args.batch_size)
+        int(args.extra_fraction * args.batch_size)  # int(), as the authors' sampler
     b_lab = args.batch_size - (b_extra if args.extra_fraction is not None else 0)  # labelled images per batch
     nb = data.num_batches(n_train, args.batch_size, args.max_batches)
     seen = sum(min(b_lab, n_train - i * b_lab) + b_extra for i in range(nb))  # images an epoch trains on
@@ -275,7 +281,7 @@ def main(argv=None):
                 world=world, max_batches=nb, memory_format=mem, extra=extra, extra_per_batch=b_extra, noise="normal")):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits, kl = trades_objective(net, x, y, args.eps, args.alpha, args.steps, args.beta, noise,
-                                                    args.norm)
+                                                    args.norm, args.label_smoothing)
             opt.zero_grad(set_to_none=False)  # the attack took input gradients only: nothing stale to clear
             loss.backward()
             opt.step()
