@@ -2657,6 +2657,7 @@ def test_eval_of_a_normalised_external_model(tmp_path):
     assert 0 <= res["aa-rand"]["accuracy"] <= 100
 
 
+@pytest.mark.slow
 def test_robustbench_protocol_and_claim(cifar, tmp_path, capsys):
     # RobustBench's protocol (standard AutoAttack, the first 10,000 test images: the 48 the small test set has) and
     # its model_info fields, what only the user knows marked TODO
