@@ -317,12 +317,18 @@ def _read_pickle(path):
     return np.asarray(obj["data"]), np.asarray(obj["extrapolated_targets"])
 
 
-def _npy_header(f, version):
-    """(shape, fortran order, dtype) of an .npy header, read with numpy's public readers."""
+def _npy_header(f, path, name):
+    """(shape, fortran order, dtype) of an .npy member's header, read with numpy's public readers; plain numbers
+    only."""
+    version = np.lib.format.read_magic(f)
     read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
     if read is None:
-        raise SystemExit(f"error: an .npy member of format {version[0]}.{version[1]}: save it with numpy.savez")
-    return read(f)
+        raise SystemExit(f"error: {path}: {name} is an .npy of format {version[0]}.{version[1]}; save it with "
+                         f"numpy.savez")
+    shape, fortran, dtype = read(f)
+    if dtype.hasobject:
+        raise SystemExit(f"error: {path}: {name} holds Python objects, not numbers; save plain arrays")
+    return shape, fortran, dtype
 
 
 def _npz_member(path, name, cache_dir):
@@ -336,21 +342,15 @@ def _npz_member(path, name, cache_dir):
                 start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
                     int.from_bytes(local[28:30], "little")
                 f.seek(start)
-                version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = _npy_header(f, version)
+                shape, fortran, dtype = _npy_header(f, path, name)
                 offset = f.tell()
-            if dtype.hasobject:
-                raise SystemExit(f"error: {path}: {name} holds Python objects, not numbers; save plain arrays")
             return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
         cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{name}.{info.CRC:08x}.npy")
         if not os.path.exists(cache):
             os.makedirs(cache_dir, exist_ok=True)
             print(f"decompressing {name} of {path} once into {cache} (a memory-mapped copy)")
             with z.open(info) as member:
-                version = np.lib.format.read_magic(member)
-                shape, fortran, dtype = _npy_header(member, version)
-                if dtype.hasobject:
-                    raise SystemExit(f"error: {path}: {name} holds Python objects, not numbers; save plain arrays")
+                shape, fortran, dtype = _npy_header(member, path, name)
                 tmp = f"{cache}.tmp{os.getpid()}"
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran)
                 flat = out.reshape(-1, order="A")
@@ -606,11 +606,12 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
     g = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
     idx = torch.randperm(n, device=x.device, generator=g) if shuffle else torch.arange(n, device=x.device)
     nb = num_batches(n, batch_size, max_batches)
+    pool = None
     if extra is not None and extra_per_batch:
         ne = len(extra["y"])
         order = torch.randperm(ne, generator=torch.Generator().manual_seed(seed + 7))
 
-        def fetch(i):  # batch i's extra images: read from the host copy in a thread while batch i - 1 trains
+        def fetch(i):  # batch i's extra images: indexed where they lie on the device, or read from the host copy
             k = order[(i * extra_per_batch + torch.arange(extra_per_batch)) % ne]
             if not extra["host"]:
                 return extra["x"][k.to(x.device)], k
@@ -618,42 +619,40 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
             rows = torch.from_numpy(np.ascontiguousarray(extra["x"][k[s].numpy()]))[s.argsort()]
             return rows.permute(0, 3, 1, 2), k
 
-        from concurrent.futures import Future, ThreadPoolExecutor
-        pool = ThreadPoolExecutor(1)
-
-        def submit(i):  # the host copy is read in the background; the device copy is indexed where it lies
-            if extra["host"]:
-                return pool.submit(fetch, i)
-            done = Future()
-            done.set_result(fetch(i))
-            return done
-        coming = submit(0)
-    for i in range(nb):
-        j = idx[i * batch_size:(i + 1) * batch_size]
-        xb, yb = x[j], y[j]
-        if extra is not None and extra_per_batch:
-            xe, k = coming.result()
-            if i + 1 < nb:
-                coming = submit(i + 1)
-            if extra["host"] and x.device.type == "cuda":
-                xe = xe.pin_memory().to(x.device, non_blocking=True)
-            xb, yb = torch.cat([xb, xe.to(x.device)]), torch.cat([yb, extra["y"][k.to(x.device)]])
-        if augment and augment.get("idbh"):  # drawn for the whole global batch, identical on every rank and to a
-            xb = idbh(xb, augment["idbh"], g)  # single-process run
-        elif augment:
-            xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
-        z = None
-        if noise in ("uniform", "normal"):
-            z = (torch.rand if noise == "uniform" else torch.randn)(xb.shape, device=x.device, generator=g)
-        elif noise == "ball":  # uniform direction, radius uniform in [0, 1] (the L2 random start of Rice et al.)
-            z = torch.randn(xb.shape, device=x.device, generator=g)
-            r = torch.rand(len(xb), device=x.device, generator=g)
-            z = z * (r / z.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *([1] * (z.dim() - 1)))
-        if world > 1:
-            xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
-            z = z.tensor_split(world)[rank] if z is not None else None
-        xb = xb.float().div_(255).contiguous(memory_format=memory_format)
-        yield xb, yb, (z.contiguous(memory_format=memory_format) if z is not None else None)
+        if extra["host"]:  # the host copy: batch i + 1 is read in a thread while batch i trains
+            from concurrent.futures import ThreadPoolExecutor
+            pool = ThreadPoolExecutor(1)
+            coming = pool.submit(fetch, 0)
+    try:
+        for i in range(nb):
+            j = idx[i * batch_size:(i + 1) * batch_size]
+            xb, yb = x[j], y[j]
+            if extra is not None and extra_per_batch:
+                xe, k = coming.result() if pool else fetch(i)
+                if pool and i + 1 < nb:
+                    coming = pool.submit(fetch, i + 1)
+                if extra["host"] and x.device.type == "cuda":
+                    xe = xe.pin_memory().to(x.device, non_blocking=True)
+                xb, yb = torch.cat([xb, xe.to(x.device)]), torch.cat([yb, extra["y"][k.to(x.device)]])
+            if augment and augment.get("idbh"):  # drawn for the whole global batch, identical on every rank and to a
+                xb = idbh(xb, augment["idbh"], g)  # single-process run
+            elif augment:
+                xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
+            z = None
+            if noise in ("uniform", "normal"):
+                z = (torch.rand if noise == "uniform" else torch.randn)(xb.shape, device=x.device, generator=g)
+            elif noise == "ball":  # uniform direction, radius uniform in [0, 1] (the L2 random start of Rice et al.)
+                z = torch.randn(xb.shape, device=x.device, generator=g)
+                r = torch.rand(len(xb), device=x.device, generator=g)
+                z = z * (r / z.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *([1] * (z.dim() - 1)))
+            if world > 1:
+                xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
+                z = z.tensor_split(world)[rank] if z is not None else None
+            xb = xb.float().div_(255).contiguous(memory_format=memory_format)
+            yield xb, yb, (z.contiguous(memory_format=memory_format) if z is not None else None)
+    finally:  # the reading thread ends with the epoch, also when the loop is left early
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def shard_sizes(n, world):
