@@ -1,4 +1,4 @@
-"""Attacks: PGD (L-inf, and L2 as an extension), FGSM, CW-inf, and the AutoAttack entry point.
+"""Attacks: PGD (L-inf, and L2 as an extension), FGSM and CW-inf; AutoAttack's entry is in eval.py, its one user.
 
 Inputs are images in [0, 1]; eps and step sizes are in the same units (8/255, not 0.031).
 PGD (Madry et al. 2018), L-inf:  x' <- clip_[0,1]( x + clip_[-eps,eps]( x' + alpha * sign(grad_x' L) - x ) ).
@@ -91,100 +91,6 @@ def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
             with torch.no_grad():
                 out.append(model(xb).argmax(1) == yb)
     return torch.cat(out)
-
-
-def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", n_examples=None,
-               log=None, state=None, save=None, rates=None):
-    """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square, each
-    run on the images still robust after the ones before, as the library's run_standard_evaluation runs them (the
-    same batches, each component seeded with `seed` as it starts), one component at a time: `state` (a dict;
-    {"done": [...], "robust": per-image flags}) is updated after each component and `save()` called, so that an
-    evaluation killed inside a component continues with that component, and the per-image result is that of an
-    uninterrupted run. eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a
-    time-based seed); the global random state it reseeds is restored; fp32; gradients FAB leaves on the parameters
-    are cleared. `rates` ({component: seconds per image attacked}, kept by the caller across chunks) gives the time
-    left in the log line. Returns per-sample correctness on the final, point-wise worst case of the first n_examples
-    images."""
-    import time
-    from pyautoattack import AutoAttack
-    x, y = x[:n_examples], y[:n_examples]
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    state = {} if state is None else state
-    rates = {} if rates is None else rates
-    say = log or (lambda m: None)
-    devices = [x.device] if x.device.type == "cuda" else []
-    try:
-        with frozen(model), torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
-            adversary = AutoAttack(model, norm=norm, eps=eps, version=version, device=x.device, seed=seed)
-            if "robust" not in state:
-                with torch.no_grad():
-                    state.update(done=[], robust=correct(model, x, y, batch_size).cpu())
-            robust = state["robust"].to(x.device).clone()
-            for attack in adversary.attacks_to_run:
-                if attack in state["done"]:
-                    continue
-                t0 = time.time()
-                idx = robust.nonzero()[:, 0]
-                for s in range(0, len(idx), batch_size):  # the library's batches of the robust images
-                    b = idx[s:s + batch_size]
-                    adv = _aa_component(adversary, attack, x[b], y[b]).detach()
-                    dist = (adv - x[b]).flatten(1)
-                    dist = dist.abs().max(1).values if norm == "Linf" else dist.norm(dim=1)
-                    assert float(dist.max()) <= eps + 1e-5 and 0 <= float(adv.min()) and float(adv.max()) <= 1
-                    with torch.no_grad():
-                        robust[b[model(adv).argmax(1) != y[b]]] = False
-                state["done"] = state["done"] + [attack]
-                state["robust"] = robust.cpu().clone()
-                if len(idx):
-                    rates[attack] = (time.time() - t0) / len(idx)
-                if save is not None:
-                    save()
-                rest = adversary.attacks_to_run[adversary.attacks_to_run.index(attack) + 1:]
-                known = not robust.any() or all(a in rates for a in rest)
-                left = (f"~{sum(rates.get(a, 0) for a in rest) * int(robust.sum()):.0f} s left in these {len(y)} "
-                        f"images" if known else "time left known after the first images")
-                say(f"  AutoAttack {attack}: {int(robust.sum())}/{len(y)} images still robust, "
-                    f"{time.time() - t0:.0f} s" + (f", {left}" if rest else ""))
-    finally:
-        for p in model.parameters():
-            p.grad = None
-    return state["robust"].to(y.device)
-
-
-def square(model, x, y, eps=8 / 255, norm="Linf", queries=5000, seed=0):
-    """AutoAttack's Square (Andriushchenko et al. 2020) alone, a score-based black-box attack: it asks the model for
-    scores only, never for a gradient. Set up by the standard AutoAttack itself (its p_init, restarts and seed), with
-    `queries` queries; the global random state it reseeds is restored; fp32. Returns per-sample correctness."""
-    from pyautoattack import AutoAttack
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-    devices = [x.device] if x.device.type == "cuda" else []
-    with frozen(model), torch.random.fork_rng(devices=devices), torch.autocast(x.device.type, enabled=False):
-        adversary = AutoAttack(model, norm=norm, eps=eps, version="standard", device=x.device, seed=seed)
-        adversary.square.n_queries = queries
-        adv = _aa_component(adversary, "square", x, y).detach()
-        with torch.no_grad():
-            return model(adv).argmax(1) == y
-
-
-def _aa_component(adversary, attack, x, y):
-    """One AutoAttack component on a batch, set up as run_standard_evaluation sets it up."""
-    if attack in ("apgd-ce", "apgd-dlr"):
-        adversary.apgd.loss = attack[5:]
-        adversary.apgd.seed = adversary.get_seed()
-        return adversary.apgd.perturb(x, y)
-    if attack == "apgd-t":
-        adversary.apgd_targeted.seed = adversary.get_seed()
-        return adversary.apgd_targeted.perturb(x, y)
-    if attack in ("fab", "fab-t"):
-        adversary.fab.targeted = attack == "fab-t"
-        if attack == "fab-t":
-            adversary.fab.n_restarts = 1
-        adversary.fab.seed = adversary.get_seed()
-        return adversary.fab.perturb(x, y)
-    if attack == "square":
-        adversary.square.seed = adversary.get_seed()
-        return adversary.square.perturb(x, y)
-    raise ValueError(f"unknown AutoAttack component {attack!r}")
 
 
 def fraction(s):

@@ -8,17 +8,18 @@
 
 Each configuration runs `python METHOD.py --bench ...` (2 epochs of --max-batches batches of synthetic CIFAR-shaped
 data; the second epoch is timed, so cudnn autotuning and compilation are not counted) in a process of its own, so
-an out-of-memory try cannot disturb the next one. Printed, and written as JSON (--out): images/s, the achieved
-TFLOP/s (the model's forward FLOPs x the method's forward-equivalents per image), the fraction of the GPU's dense
+an out-of-memory try cannot disturb the next one, and reads the images/s it prints. Printed, and written as JSON
+(--out): images/s, the achieved TFLOP/s (the model's forward FLOPs, counted here by torch.utils.flop_counter, x the
+method's forward-equivalents per image, PASSES), the fraction of the GPU's dense
 bf16 peak, the time of a 50,000-image CIFAR-10 epoch at that speed, and each method's step time relative to at.py
 (at's images/s over the method's). On a CPU the tiny configuration runs (in this process), for the tests.
 The default GPU set is sized to finish within about 10 minutes on one H100.
 """
 import argparse
 import contextlib
+import functools
 import importlib
 import io
-import json
 import os
 import re
 import subprocess
@@ -27,13 +28,27 @@ import time
 
 import torch
 
-import eval as tools  # the command-line plumbing eval.py, report.py and bench.py share
+import cmdline
+import models
 
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first match wins
 PEAKS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
          ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0))
 MODES = ("fp32", "bf16", "bf16+compile")
-LINE = re.compile(r"benchmark: ([0-9.]+) images/s .* = ([0-9.eE+-]+) TFLOP/s")
+LINE = re.compile(r"benchmark: ([0-9.]+) images/s")  # what a method file prints under --bench
+# forward-equivalents per image of a training step with PGD-10 (a forward + input gradient counts 2, a forward +
+# backward of the training pass 3): PGD-AT 2*10 + 3; SAR + a clean training pass; TRADES + the clean target of its
+# attack and a clean pass; MART + a clean pass; ISEAT + a clean pass and the AWP proxy's forward-backward
+PASSES = {"at": 23, "sar": 26, "trades": 27, "mart": 26, "iseat": 29}
+
+
+@functools.lru_cache(maxsize=None)
+def gflop_per_image(arch, size=32, channels=3):
+    """The network's forward GFLOP for one image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        models.get_model(arch, 10, channels).eval()(torch.rand(2, channels, size, size))
+    return flops.get_total_flops() / 2 / 1e9
 
 
 def get_args(argv=None):
@@ -54,17 +69,17 @@ def get_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this device")
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--out", default=os.path.join("runs", "bench.json"))
-    args = tools.parse_args(p, argv)
+    args = cmdline.parse_args(p, argv)
     q = args.quick
     args.methods = args.methods or (["at", "sar", "iseat", "trades", "mart"] if q else ["at", "sar", "iseat"])
     args.archs = args.archs or (["cnn"] if q else ["preact_resnet18", "wrn34_10"])
     args.modes = args.modes or (["fp32"] if q else list(MODES))
     args.batch_size = args.batch_size or (32 if q else 128)
-    tools.require(all(m in ("at", "sar", "iseat", "trades", "mart") for m in args.methods),
+    cmdline.require(all(m in ("at", "sar", "iseat", "trades", "mart") for m in args.methods),
                   f"--methods {' '.join(args.methods)}: choose among at sar iseat trades mart")
-    tools.require(args.batch_size >= 1 and (args.max_batches is None or args.max_batches >= 1),
+    cmdline.require(args.batch_size >= 1 and (args.max_batches is None or args.max_batches >= 1),
                   "--batch-size and --max-batches must be positive")
-    tools.check_device(args.device)
+    cmdline.check_device(args.device)
     return args
 
 
@@ -99,7 +114,9 @@ def run_one(method, arch, mode, batch, max_batches, device, in_process):
         oom = "out of memory" in out.lower() or "OutOfMemoryError" in out
         last = [line for line in out.strip().splitlines() if line.strip()][-1:] or ["no output"]
         return dict(error="out of memory" if oom else last[0][:200], seconds=round(time.time() - t0, 1))
-    return dict(img_per_s=float(m.group(1)), tflops=float(m.group(2)), seconds=round(time.time() - t0, 1))
+    img_per_s, gflop = float(m.group(1)), gflop_per_image(arch)
+    return dict(img_per_s=img_per_s, gflop_per_image=float(f"{gflop:.6g}"), forward_equivalents=PASSES[method],
+                tflops=round(img_per_s * gflop * PASSES[method] / 1000, 4), seconds=round(time.time() - t0, 1))
 
 
 def rate(v):
@@ -110,7 +127,7 @@ def markdown(res, args, device_name, peak):
     """The README's tables: at.py per network and precision; every method's images/s and ratio to at.py."""
     top = MODES[-1] if MODES[-1] in args.modes else args.modes[-1]
     lines = [f"Device: {device_name}; dense bf16 peak: {f'{peak:g} TFLOP/s' if peak else 'unknown'}; "
-             f"batch {args.batch_size}; {tools.now()[:10]}", "",
+             f"batch {args.batch_size}; {cmdline.now()[:10]}", "",
              "| model | " + " | ".join(f"at.py {m} (img/s)" for m in args.modes)
              + f" | largest batch, {res['largest_batch_mode']} (img/s) | TFLOP/s ({top}) | fraction of peak "
              f"| 50k-image epoch |",
@@ -148,16 +165,18 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     peak, peak_key = peak_of(device_name, args.peak_tflops)
     in_process = args.quick and not args.device.startswith("cuda")
-    tools.check_writable(os.path.dirname(os.path.abspath(args.out)))
+    cmdline.check_writable(os.path.dirname(os.path.abspath(args.out)))
     res = dict(device=device_name, peak_bf16_tflops=peak, peak_source=peak_key, batch_size=args.batch_size,
-               date=tools.now(), runs={}, ratios={}, largest_batch={})
+               date=cmdline.now(), runs={}, ratios={}, largest_batch={})
     for arch in args.archs:
         k = args.max_batches or (2 if args.quick else 10 if arch.startswith("wrn") else 30)
         for method in args.methods:
             for mode in args.modes:
                 r = run_one(method, arch, mode, args.batch_size, k, args.device, in_process)
                 res["runs"].setdefault(method, {}).setdefault(arch, {})[mode] = r
-                shown = f"{r['img_per_s']:.1f} images/s, {r['tflops']:.3g} TFLOP/s" if "img_per_s" in r else r["error"]
+                shown = (f"{r['img_per_s']:.1f} images/s x {r['gflop_per_image']:.3g} GFLOP/image x "
+                         f"{r['forward_equivalents']} forward-equivalents = {r['tflops']:.3g} TFLOP/s"
+                         if "img_per_s" in r else r["error"])
                 print(f"{method:>6} {arch:<16} {mode:<13} {shown}   ({r['seconds']:.0f} s)", flush=True)
     for method in args.methods:  # step time relative to at.py: at's images/s over the method's
         for arch in args.archs:
@@ -183,10 +202,10 @@ def main(argv=None):
     res["markdown"] = markdown(res, args, device_name, peak)
     print()
     print(res["markdown"])
-    tools.write_json(res, args.out)
+    cmdline.write_json(res, args.out)
     print(f"\n{res['seconds']:.0f} s in all; written to {args.out}")
     return res
 
 
 if __name__ == "__main__":
-    tools.cli(main)
+    cmdline.cli(main)

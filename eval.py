@@ -31,12 +31,10 @@ run folders in the report folder beside them (report.py's); --curve-out / --spec
 """
 import argparse
 import datetime
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 import zlib
@@ -46,6 +44,7 @@ import torch.distributed as dist
 
 import attacks
 import checks
+from cmdline import check_device, check_writable, cli, now, parse_args, require, tidy, write_json
 import data
 import models
 import spectral
@@ -84,6 +83,9 @@ def get_args(argv=None):
     p.add_argument("--robustbench", action="store_true",
                    help="RobustBench's protocol (standard AutoAttack on the first 10,000 test images, Linf 8/255 or "
                         "L2 0.5) and a model_info JSON for a leaderboard entry, beside the results")
+    p.add_argument("--additional-data", type=additional_data, default=None, metavar="none|real|synthetic:N",
+                   help="--robustbench: the extra training images of a model this project did not train (N: their "
+                        "number, e.g. 20M); for this project's checkpoints it is read from their flags")
     p.add_argument("--alpha", type=attacks.fraction, default=None, help="PGD/CW step (default eps/4)")
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--cw-steps", type=int, default=30)
@@ -111,14 +113,16 @@ def get_args(argv=None):
                    help="torchrun: seconds a process waits for the others (a round of AutoAttack chunks can be long)")
     args = parse_args(p, argv)
     if args.robustbench:  # the protocol, whatever else was asked
-        for flag, given, value in (("--n-examples", args.n_examples, 10000), ("--attacks", args.attacks, ["clean", "aa"])):
+        for flag, given, value in (("--n-examples", args.n_examples, 10000),
+                                   ("--attacks", args.attacks, ["clean", "aa"])):
             require(given == p.get_default(flag[2:].replace("-", "_")) or given == value,
                     f"--robustbench fixes {flag} to {value}; leave {flag} out")
         args.n_examples, args.attacks = 10000, ["clean", "aa"]
         require(args.eps is None or abs(args.eps - (8 / 255 if args.norm != "L2" else 0.5)) < 1e-9,
                 "--robustbench evaluates at Linf 8/255 or L2 0.5; leave --eps out")
     if args.normalize:
-        require(args.mean is None and args.std is None, "--normalize is a preset of --mean/--std: give one or the other")
+        require(args.mean is None and args.std is None,
+                "--normalize is a preset of --mean/--std: give one or the other")
         args.mean, args.std = PRESETS[args.normalize]
     require((args.mean is None) == (args.std is None) and (args.mean is None or len(args.mean) == len(args.std)),
             "--mean and --std go together, one value per channel each (e.g. --mean 0.4914 0.4822 0.4465 --std 0.2471 "
@@ -146,6 +150,16 @@ def get_args(argv=None):
     return args
 
 
+def additional_data(s):
+    """argparse type of --additional-data: ("none" | "real" | "synthetic", number of images or None)."""
+    kind, _, count = s.partition(":")
+    scale = {"K": 10**3, "M": 10**6}.get(count[-1:], 1)
+    digits = count[:-1] if scale > 1 else count
+    if kind not in ("none", "real", "synthetic") or (count and not digits.isdigit()) or (count and kind != "synthetic"):
+        raise argparse.ArgumentTypeError(f"{s!r}: give none, real or synthetic:N (N images, e.g. synthetic:20M)")
+    return kind, int(digits) * scale if count else None
+
+
 class Normalized(torch.nn.Module):
     """The evaluated model with its input normalisation inside: attacks and radii stay in [0, 1] pixel units."""
 
@@ -157,6 +171,104 @@ class Normalized(torch.nn.Module):
 
     def forward(self, x):
         return self.model((x - self.mean) / self.std)
+
+
+# ---------------------------------------------------------------- AutoAttack and Square, through pyautoattack
+
+def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, version="standard", n_examples=None,
+               log=None, state=None, save=None, rates=None):
+    """AutoAttack (Croce & Hein 2020) through pyautoattack==0.2.0: standard = APGD-CE, APGD-T, FAB-T, Square, each
+    run on the images still robust after the ones before, as the library's run_standard_evaluation runs them (the
+    same batches, each component seeded with `seed` as it starts), one component at a time: `state` (a dict;
+    {"done": [...], "robust": per-image flags}) is updated after each component and `save()` called, so that an
+    evaluation killed inside a component continues with that component, and the per-image result is that of an
+    uninterrupted run. eps, seed and device are passed explicitly (the library's defaults are eps 0.3 and a
+    time-based seed); the global random state it reseeds is restored; fp32; gradients FAB leaves on the parameters
+    are cleared. `rates` ({component: seconds per image attacked}, kept by the caller across chunks) gives the time
+    left in the log line. Returns per-sample correctness on the final, point-wise worst case of the first n_examples
+    images."""
+    from pyautoattack import AutoAttack
+    x, y = x[:n_examples], y[:n_examples]
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    state = {} if state is None else state
+    rates = {} if rates is None else rates
+    say = log or (lambda m: None)
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with attacks.frozen(model), torch.random.fork_rng(devices=devices), \
+                torch.autocast(x.device.type, enabled=False):
+            adversary = AutoAttack(model, norm=norm, eps=eps, version=version, device=x.device, seed=seed)
+            if "robust" not in state:
+                with torch.no_grad():
+                    state.update(done=[], robust=attacks.correct(model, x, y, batch_size).cpu())
+            robust = state["robust"].to(x.device).clone()
+            for attack in adversary.attacks_to_run:
+                if attack in state["done"]:
+                    continue
+                t0 = time.time()
+                idx = robust.nonzero()[:, 0]
+                for s in range(0, len(idx), batch_size):  # the library's batches of the robust images
+                    b = idx[s:s + batch_size]
+                    adv = _aa_component(adversary, attack, x[b], y[b]).detach()
+                    dist = (adv - x[b]).flatten(1)
+                    dist = dist.abs().max(1).values if norm == "Linf" else dist.norm(dim=1)
+                    assert float(dist.max()) <= eps + 1e-5 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+                    with torch.no_grad():
+                        robust[b[model(adv).argmax(1) != y[b]]] = False
+                state["done"] = state["done"] + [attack]
+                state["robust"] = robust.cpu().clone()
+                if len(idx):
+                    rates[attack] = (time.time() - t0) / len(idx)
+                if save is not None:
+                    save()
+                rest = adversary.attacks_to_run[adversary.attacks_to_run.index(attack) + 1:]
+                known = not robust.any() or all(a in rates for a in rest)
+                left = (f"~{sum(rates.get(a, 0) for a in rest) * int(robust.sum()):.0f} s left in these {len(y)} "
+                        f"images" if known else "time left known after the first images")
+                say(f"  AutoAttack {attack}: {int(robust.sum())}/{len(y)} images still robust, "
+                    f"{time.time() - t0:.0f} s" + (f", {left}" if rest else ""))
+    finally:
+        for p in model.parameters():
+            p.grad = None
+    return state["robust"].to(y.device)
+
+
+def square(model, x, y, eps=8 / 255, norm="Linf", queries=5000, seed=0):
+    """AutoAttack's Square (Andriushchenko et al. 2020) alone, a score-based black-box attack: it asks the model for
+    scores only, never for a gradient. Set up by the standard AutoAttack itself (its p_init, restarts and seed), with
+    `queries` queries; the global random state it reseeds is restored; fp32. Returns per-sample correctness."""
+    from pyautoattack import AutoAttack
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    devices = [x.device] if x.device.type == "cuda" else []
+    with attacks.frozen(model), torch.random.fork_rng(devices=devices), \
+                torch.autocast(x.device.type, enabled=False):
+        adversary = AutoAttack(model, norm=norm, eps=eps, version="standard", device=x.device, seed=seed)
+        adversary.square.n_queries = queries
+        adv = _aa_component(adversary, "square", x, y).detach()
+        with torch.no_grad():
+            return model(adv).argmax(1) == y
+
+
+def _aa_component(adversary, attack, x, y):
+    """One AutoAttack component on a batch, set up as run_standard_evaluation sets it up."""
+    if attack in ("apgd-ce", "apgd-dlr"):
+        adversary.apgd.loss = attack[5:]
+        adversary.apgd.seed = adversary.get_seed()
+        return adversary.apgd.perturb(x, y)
+    if attack == "apgd-t":
+        adversary.apgd_targeted.seed = adversary.get_seed()
+        return adversary.apgd_targeted.perturb(x, y)
+    if attack in ("fab", "fab-t"):
+        adversary.fab.targeted = attack == "fab-t"
+        if attack == "fab-t":
+            adversary.fab.n_restarts = 1
+        adversary.fab.seed = adversary.get_seed()
+        return adversary.fab.perturb(x, y)
+    if attack == "square":
+        adversary.square.seed = adversary.get_seed()
+        return adversary.square.perturb(x, y)
+    raise ValueError(f"unknown AutoAttack component {attack!r}")
+
 
 
 def external_model(spec):
@@ -178,6 +290,36 @@ def external_model(spec):
     return model
 
 
+def clean_state_dict(sd):
+    """Accepts what other code saves: DataParallel/DDP `module.` and torch.compile `_orig_mod.` prefixes,
+    AveragedModel's `n_averaged`, and the unused `sub_block1` of TRADES WideResNet checkpoints."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        if k != "n_averaged" and not k.startswith("sub_block1."):
+            out[k] = v
+    return out
+
+
+def load_weights(model, sd, what, arch):
+    """load_state_dict(strict) with a one-line error when the checkpoint is of another architecture."""
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f"error: {what} is not a state dict of tensors; pass a checkpoint written by this project "
+                         f"or a plain model.state_dict()")
+    sd = clean_state_dict(sd)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        show = lambda ks: ", ".join(ks[:3]) + (", ..." if len(ks) > 3 else "")
+        raise SystemExit(f"error: {what} does not fit arch {arch!r}: {len(missing)} missing keys ({show(missing)}), "
+                         f"{len(unexpected)} unexpected ({show(unexpected)}), {len(shapes)} of another shape "
+                         f"({show(shapes)}); pass the --arch and --dataset it was trained with")
+    model.load_state_dict(sd)
+
+
 def load_model(path, args, device):
     """Builds the model a checkpoint was trained as and loads its weights; with --mean/--std, the normalisation
     goes inside it. Returns (model, info dict)."""
@@ -190,7 +332,7 @@ def load_model(path, args, device):
         for key in ("state_dict", "model_state_dict", "model"):  # common wrappers of other projects
             if isinstance(ck, dict) and isinstance(ck.get(key), dict):
                 sd = ck[key]
-        models.load_weights(model, sd, path, args.model)
+        load_weights(model, sd, path, args.model)
         info = dict(arch=args.model, dataset=args.dataset, data_dir=args.data_dir or "data", external=True)
         model = Normalized(model, args.mean, args.std) if args.mean else model
         return model.to(device).eval(), info
@@ -215,9 +357,12 @@ def load_model(path, args, device):
             sd = ck["model"]
         data_dir = args.data_dir or ck["args"].get("data_dir", "data")
         method = "natural" if ck["args"].get("eps", 1) == 0 else ck["method"]  # --eps 0: no attack in training
+        extra = ck["args"].get("extra_data")  # Carmon et al.'s pickle: real images; an .npz: generated ones
         info = dict(epoch=ck["epoch"], method=method, weights=ck.get("weights", args.weights),
                     num_classes=ck["num_classes"], in_channels=ck.get("in_channels", 3),
-                    train_eps=ck["args"].get("eps"), train_norm=ck["args"].get("norm", "Linf"))
+                    train_eps=ck["args"].get("eps"), train_norm=ck["args"].get("norm", "Linf"),
+                    additional=("none", None) if not extra else ("synthetic" if extra.endswith(".npz") else "real",
+                                                                 ck.get("extra_images")))
     else:
         if args.arch is None or args.dataset is None:
             raise SystemExit(f"error: {path} is not a checkpoint of this project; pass --arch and --dataset to "
@@ -233,7 +378,7 @@ def load_model(path, args, device):
                 sd = ck[key]
         info = dict(num_classes=data.NUM_CLASSES.get(dataset, 10), in_channels=data.CHANNELS.get(dataset, 3))
     model = models.get_model(arch, info["num_classes"], info["in_channels"])
-    models.load_weights(model, sd, path, arch)
+    load_weights(model, sd, path, arch)
     info.update(arch=arch, dataset=dataset, data_dir=data_dir)
     model = Normalized(model, args.mean, args.std) if args.mean else model
     return model.to(device).eval(), info
@@ -325,14 +470,14 @@ def chunk_correct(model, s, xb, yb, args, state=None, save=None, rates=None, att
     if name == "fgsm":
         return attacks.correct(model, xb, yb, len(xb), attack=attacks.fgsm, eps=s["eps"], norm=s["norm"])
     if name in ("aa", "aa-rand"):
-        return attacks.autoattack(model, xb, yb, s["eps"], s["norm"], len(xb), args.seed,
+        return autoattack(model, xb, yb, s["eps"], s["norm"], len(xb), args.seed,
                                   version="standard" if name == "aa" else "rand",
                                   log=progress, state=state,
                                   save=save, rates=rates)
     if name == "square":
         ok = attack_only.to(yb.device).clone()
         if ok.any():
-            ok[ok.clone()] = attacks.square(model, xb[ok], yb[ok], s["eps"], s["norm"], s["queries"], args.seed)
+            ok[ok.clone()] = square(model, xb[ok], yb[ok], s["eps"], s["norm"], s["queries"], args.seed)
         return ok
     ok = torch.ones(len(yb), dtype=torch.bool, device=yb.device)
     for _ in range(s["restarts"]):  # each restart attacks the images still robust
@@ -554,6 +699,7 @@ def for_checkpoint(base, info):
     return args
 
 
+RB_BOARDS = {("cifar10", "Linf"): "8/255", ("cifar10", "L2"): "0.5", ("cifar100", "Linf"): "8/255"}  # and ImageNet
 ARCH_NAMES = {"preact_resnet18": "PreActResNet-18", "resnet18": "ResNet-18", "wrn34_10": "WideResNet-34-10",
               "wrn28_10": "WideResNet-28-10", "cnn": "small CNN"}
 
@@ -562,15 +708,23 @@ def robustbench_claim(record, info, args, n, requirements):
     """A RobustBench model_info entry from this evaluation: its fields, accuracies as strings with two decimals;
     what only the user knows (paper, venue, authors, reported number) is marked TODO."""
     ran = {e["name"]: e for e in record["results"].values() if e.get("n_examples") == n and e.get("norm") in
-           (args.norm, None) and e["name"] in ("clean", "aa") and (e["name"] == "clean" or abs(e["eps"] - args.eps) < 1e-9)}
+           (args.norm, None) and e["name"] in ("clean", "aa") and (e["name"] == "clean" or
+                                                                   abs(e["eps"] - args.eps) < 1e-9)}
+    # RobustBench's convention: real extra images (Carmon et al.'s 500K) are additional data; generated ones are not,
+    # and a footnote says how many
+    kind, count = args.additional_data or info.get("additional") or ("TODO", None)
+    notes = list(requirements)
+    if kind == "synthetic":
+        size = "TODO: N" if not count else f"{count / 1e6:g}M" if count >= 10**6 else f"{count / 1e3:g}K" \
+            if count >= 1000 else count
+        notes.insert(0, f"It uses additional {size} synthetic images in training.")
     return dict(link="TODO: the paper's URL", name="TODO: the paper's title", authors="TODO: the authors",
-                additional_data=False if not info.get("external") else "TODO: true if trained with extra real images",
+                additional_data=kind == "real" if kind != "TODO" else "TODO: true if trained with extra real images "
+                                                                      "(or pass --additional-data)",
                 number_forward_passes=1, dataset=info["dataset"], venue="TODO: the venue",
-                architecture=ARCH_NAMES.get(info["arch"], info["arch"]),
-                eps="8/255" if args.norm == "Linf" else f"{args.eps:g}", clean_acc=f"{ran['clean']['accuracy']:.2f}",
-                reported="TODO: the AutoAttack accuracy the paper reports",
-                autoattack_acc=f"{ran['aa']['accuracy']:.2f}",
-                footnote=None if not requirements else "; ".join(requirements), unreliable=False)
+                architecture=ARCH_NAMES.get(info["arch"], info["arch"]), eps=RB_BOARDS[info["dataset"], args.norm],
+                clean_acc=f"{ran['clean']['accuracy']:.2f}", reported="TODO: the AutoAttack accuracy the paper reports",
+                autoattack_acc=f"{ran['aa']['accuracy']:.2f}", footnote=" ".join(notes) or None, unreliable=False)
 
 
 def main(argv=None):
@@ -602,6 +756,9 @@ def main(argv=None):
     for path in base.checkpoints:
         model, info = load_model(path, base, device)
         args = for_checkpoint(base, info)
+        require(not args.robustbench or (info["dataset"], args.norm) in RB_BOARDS,
+                f"--robustbench: {path} is {info['dataset']} {args.norm}, and RobustBench's boards are CIFAR-10 Linf "
+                f"and L2, CIFAR-100 Linf and ImageNet Linf")
         json_path, store_path = result_files(path, args)
         json_paths.append(json_path)
         fp = fingerprint(path)
@@ -623,7 +780,7 @@ def main(argv=None):
         record, store = got[0]
         store["redone"] = []  # the attacks this command has run afresh
         if main_rank:
-            remove_stale_temp_files(os.path.dirname(json_path))
+            models.remove_stale_temp_files(os.path.dirname(json_path))
 
         def save():  # per-image results after every chunk, the JSON view after every attack; both atomic, by one
             if main_rank:  # process
@@ -717,115 +874,6 @@ def main(argv=None):
                                                attacks.describe("cw", 1, args.cw_steps, 1).split(" (")[0]))
         print(f"robustness curve: {png}")
     return out
-
-
-# ---------------------------------------------------------------- command-line plumbing (report.py's, bench.py's too)
-
-def parse_args(parser, argv=None):
-    """parser.parse_args, with every argparse error as one line (no usage block). Negative fractions (-8/255) are
-    read as values, not as unknown flags, so that the range checks can name the problem."""
-    def error(message):
-        raise SystemExit(f"error: {message} (--help lists the flags)")
-    parser.error = error
-    if hasattr(parser, "_negative_number_matcher"):
-        parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/[\d.]+)?$")
-    return parser.parse_args(argv)
-
-
-def require(ok, message):
-    if not ok:
-        raise SystemExit(f"error: {message}")
-
-
-def check_device(name):
-    """--device: a torch device that exists on this machine."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        require(torch.cuda.is_available(),
-                f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); use --device cpu")
-        require(device.index is None or device.index < torch.cuda.device_count(),
-                f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 .. "
-                f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def check_writable(folder, flag="--out"):
-    """Creates `folder` and proves a file can be written there, before any work starts."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to {folder} ({e.strerror}); pass {flag} to a writable folder") from None
-
-
-def remove_stale_temp_files(folder):
-    """Temp files of atomic writes (NAME.tmpPID) whose process is gone: a write that was killed. Returns them."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
-        m = re.search(r"\.tmp(\d+)$", path)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:  # another user's live process
-            alive = True
-        if not alive:
-            os.remove(path)
-            removed.append(os.path.basename(path))
-    return removed
-
-
-def write_json(obj, path):
-    models.atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
-
-
-def tidy(value, digits=6):
-    """Rounds floats to `digits` significant digits (no 7.999999821186066 or 0.010000000000000002 in the logs)."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
-    if isinstance(value, dict):
-        return {k: tidy(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [tidy(v, digits) for v in value]
-    return value
-
-
-def now():
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def read_log(out_dir):
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def cli(main):
-    """Entry point of eval.py, report.py and bench.py: a SystemExit with a message prints that one line (once
-    under torchrun: every process runs the same checks)."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted; run the same command again to continue where it stopped") from None
-    except SystemExit as e:
-        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0":
-            raise SystemExit(1) from None
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

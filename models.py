@@ -6,14 +6,14 @@ CIFAR and 64-px Tiny ImageNet use the same model.
 Parameter names follow the published checkpoints of each architecture, so their weights load as is:
   preact_resnet18  Rice et al. 2020 / Wong et al. 2020 (conv1, layer1..4, bn, linear)
   resnet18         the common CIFAR ResNet-18 (conv1, bn1, layer1..4, shortcut, linear)
-  wrn34_10/28_10   the TRADES / AWP WideResNet (conv1, block1..3, bn1, fc); the unused `sub_block1`
-                   of TRADES checkpoints is dropped on load (see clean_state_dict)
+  wrn34_10/28_10   the TRADES / AWP WideResNet (conv1, block1..3, bn1, fc); eval.py drops the unused `sub_block1`
+                   of TRADES checkpoints on load
   cnn              a small CNN for CPU runs and tests (43k parameters; 88.2% on Fashion-MNIST after 3 natural
                    epochs on a CPU, 90.0% after 5)
-Checkpoints: load_checkpoint reads any file with torch.load(weights_only=True), so nothing but tensors and plain
-values is ever unpickled; load_weights puts a state dict into a network, naming the problem in one line when it does
-not fit.
+Checkpoints: save_checkpoint writes atomically; load_checkpoint reads any file with torch.load(weights_only=True), so
+nothing but tensors and plain values is ever unpickled.
 """
+import glob
 import os
 import pickle
 import zipfile
@@ -22,13 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ARCHS = ("preact_resnet18", "resnet18", "wrn34_10", "wrn28_10", "cnn")
 CKPT_FORMAT = "advtrain-checkpoint-v1"  # what the training scripts write into every checkpoint
 
 
 class PreActBlock(nn.Module):
-    expansion = 1
-
     def __init__(self, in_planes, planes, stride=1):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -179,29 +176,40 @@ class SmallCNN(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 4).flatten(1))
 
 
+ARCHS = {  # name: (classes, input channels) -> network
+    "preact_resnet18": lambda n, c: ResNet18(n, preact=True, in_channels=c),
+    "resnet18": lambda n, c: ResNet18(n, preact=False, in_channels=c),
+    "wrn34_10": lambda n, c: WideResNet(34, 10, n, c),
+    "wrn28_10": lambda n, c: WideResNet(28, 10, n, c),
+    "cnn": lambda n, c: SmallCNN(n, c),
+}
+
+
 def get_model(arch, num_classes, in_channels=3):
-    if arch == "preact_resnet18":
-        return ResNet18(num_classes, preact=True, in_channels=in_channels)
-    if arch == "resnet18":
-        return ResNet18(num_classes, preact=False, in_channels=in_channels)
-    if arch == "wrn34_10":
-        return WideResNet(34, 10, num_classes, in_channels)
-    if arch == "wrn28_10":
-        return WideResNet(28, 10, num_classes, in_channels)
-    if arch == "cnn":
-        return SmallCNN(num_classes, in_channels)
-    raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch not in ARCHS:
+        raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch](num_classes, in_channels)
 
 
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temp file beside `path` (NAME.tmpPID), fsync, rename: a write killed at any moment leaves
-    `path` as it was (and a temp file that the next run removes)."""
+    `path` as it was, and a temp file that remove_stale_temp_files removes."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, mode) as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def remove_stale_temp_files(folder):
+    """Removes the temp files atomic_write left in `folder` when it was killed: NAME.tmpPID whose process is gone
+    (a live process's write in progress, e.g. eval.py's beside a checkpoint, is left alone)."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
+        pid = tmp.rpartition(".tmp")[2]
+        if pid.isdigit() and os.path.isdir("/proc") and not os.path.exists(f"/proc/{pid}"):
+            os.remove(tmp)
+            print(f"removed {os.path.basename(tmp)}: the temp file of a write that was killed")
 
 
 def save_checkpoint(obj, path):
@@ -228,33 +236,3 @@ def load_checkpoint(path, mmap=False):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SystemExit(f"error: cannot read {path}: the file is truncated or not a torch checkpoint "
                          f"({first[:100]}); use an intact copy") from None
-
-
-def clean_state_dict(sd):
-    """Accepts what other code saves: DataParallel/DDP `module.` and torch.compile `_orig_mod.` prefixes,
-    AveragedModel's `n_averaged`, and the unused `sub_block1` of TRADES WideResNet checkpoints."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        if k != "n_averaged" and not k.startswith("sub_block1."):
-            out[k] = v
-    return out
-
-
-def load_weights(model, sd, what, arch):
-    """load_state_dict(strict) with a one-line error when the checkpoint is of another architecture."""
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise SystemExit(f"error: {what} is not a state dict of tensors; pass a checkpoint written by this project "
-                         f"or a plain model.state_dict()")
-    sd = clean_state_dict(sd)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        show = lambda ks: ", ".join(ks[:3]) + (", ..." if len(ks) > 3 else "")
-        raise SystemExit(f"error: {what} does not fit arch {arch!r}: {len(missing)} missing keys ({show(missing)}), "
-                         f"{len(unexpected)} unexpected ({show(unexpected)}), {len(shapes)} of another shape "
-                         f"({show(shapes)}); pass the --arch and --dataset it was trained with")
-    model.load_state_dict(sd)

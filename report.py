@@ -25,8 +25,8 @@ import json
 import os
 
 import checks
+import cmdline
 import models
-import eval as tools  # the command-line plumbing eval.py, report.py and bench.py share
 
 CHECKPOINTS = (("best.pt", "model", "best"), ("last.pt", "model", "last"), ("wa_best.pt", "model", "wa best"),
                ("last.pt", "wa", "last, wa"))
@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("runs", nargs="+", help="run folders (each with log.jsonl and checkpoints)")
     p.add_argument("--out", default=os.path.join("runs", "report"), help="folder for report.md, report.csv and "
                                                                             "curves.png")
-    args = tools.parse_args(p, argv)
+    args = cmdline.parse_args(p, argv)
     return args
 
 
@@ -250,11 +250,11 @@ def main(argv=None):
                 runs.append(run)
             else:
                 print(f"skipped {run}: not a run folder (no log.jsonl or checkpoints)")
-    tools.require(runs, "no run folders among the arguments; pass folders written by the training scripts")
-    tools.check_writable(args.out)
+    cmdline.require(runs, "no run folders among the arguments; pass folders written by the training scripts")
+    cmdline.check_writable(args.out)
     rows, curves = [], []
     for run in runs:
-        log = tools.read_log(run)
+        log = cmdline.read_log(run)
         run_rows, milestones = rows_of(run, log)
         rows += run_rows
         if log:
@@ -274,4 +274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tools.cli(main)
+    cmdline.cli(main)

@@ -16,48 +16,51 @@ each epoch from the first milestone, then torch.optim.swa_utils.update_bn) and s
 import math
 
 import torch
-import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import attacks
 import data
 
 
-def ema_warmup_fn(decay):
+def averaged(model, mode, decay=0.999, warmup=False):
+    """The weight average of `model`: swa (equal average of the parameters; BatchNorm buffers left to update_bn) or
+    ema (decay d, optionally warmed up as min(d, (1 + t) / (10 + t)); BatchNorm buffers averaged too)."""
+    if mode == "swa":
+        return AveragedModel(model)
+
     @torch.no_grad()
-    def update(avg_params, params, n):
+    def warmed_up(avg_params, params, n):
         d = ((1 + n) / (10 + n)).clamp(max=decay).float()
         for a, p in zip(avg_params, params):
             if torch.is_floating_point(a):
                 a.lerp_(p, (1 - d).to(a.dtype))
             else:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
                 a.copy_(p)
-    return update
+    fn = warmed_up if warmup else get_ema_multi_avg_fn(decay)
+    return AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
 
 
-def averaged(model, mode, decay=0.999, warmup=False):
-    """The weight average of `model`: swa (equal average of the parameters; BatchNorm buffers left to update_bn) or
-    ema (decay d, optionally warmed up; BatchNorm buffers averaged too)."""
+def describe(mode, decay, warmup, start, bn):
+    """The weight average in words, for the run's first line (mode None or False: off)."""
+    if not mode:
+        return "off"
     if mode == "swa":
-        return AveragedModel(model)
-    if mode == "ema":
-        fn = ema_warmup_fn(decay) if warmup else get_ema_multi_avg_fn(decay)
-        return AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
-    raise SystemExit(f"error: unknown --wa-mode {mode!r}; use swa or ema")
+        return (f"swa (equal average of the end-of-epoch weights from epoch {start + 1}, the first after an lr decay; "
+                f"BatchNorm recomputed on {bn} images)")
+    return f"ema (decay {decay:g} after every step{', warmed up' if warmup else ''})"
 
 
-def bn_batches(ds, args, model, n, mem, world):
-    """SWA's BatchNorm pass: batches of 512 training images (crop + flip), n in all (what an epoch trains on). With
-    --wa-bn adversarial, PGD examples of them (the training attack, random start) crafted against `model` in eval
-    mode: the statistics a model trained on adversarial batches only (PGD-AT) was trained with. With --sync-bn each
-    process passes its share of every batch (statistics of the whole batch); else every process passes all."""
-    rank, world = (dist.get_rank(), world) if args.sync_bn and world > 1 else (0, 1)
-    adversarial = args.wa_bn == "adversarial" and args.eps > 0
-    noise = None if not adversarial else "uniform" if args.norm == "Linf" else "ball"
+def bn_batches(ds, model, n, memory_format, rank=0, world=1, attack=None):
+    """SWA's BatchNorm pass: batches of 512 training images (crop + flip; 512 keeps the pass a few large batches),
+    n in all (what an epoch trains on). `attack` (eps, alpha, steps, norm): PGD examples of them instead (random
+    start) crafted against `model` in eval mode, the statistics a model trained on adversarial batches only (PGD-AT)
+    was trained with. world > 1 (--sync-bn): this process passes its share of every batch."""
+    attack = attack if attack and attack[0] > 0 else None
+    noise = None if attack is None else "uniform" if attack[3] == "Linf" else "ball"
     for x, y, z in data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], rank=rank,
-                                world=world, max_batches=math.ceil(n / 512), memory_format=mem, noise=noise):
-        if adversarial:
+                                world=world, max_batches=math.ceil(n / 512), memory_format=memory_format, noise=noise):
+        if attack is not None:
+            eps, alpha, steps, norm = attack
             with attacks.frozen(model), torch.enable_grad():  # the pass itself runs under no_grad
-                x = attacks.pgd(model, x, y, args.eps, args.alpha, args.steps, random_start=True, norm=args.norm,
-                                noise=z)
+                x = attacks.pgd(model, x, y, eps, alpha, steps, random_start=True, norm=norm, noise=z)
         yield x, y
