@@ -109,10 +109,12 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     # ---- shared run code: set-up ----
-    # torchrun starts one process per GPU (gloo: per CPU process), each with its share of every global batch. Its
-    # store outlives a restart (--max-restarts): each attempt's keys get a prefix, or a process reads a dead one's.
+    # torchrun: one process per GPU (gloo: per CPU process), each with its share of every global batch. Its store
+    # outlives a restart (--max-restarts): each attempt's keys get a prefix, or a process reads a dead one's.
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the process's own GPU, for NCCL and every allocation
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=args.timeout)
         store = next(dist.rendezvous("env://", timeout=timeout))[0]
@@ -158,10 +160,10 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a run that cannot start leaves no folder
         wa_text = wa.describe(args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn)
-        print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val" +
-              (f", {b_extra} extra a batch" if b_extra else "") + f"), {device} x {world}, amp={args.amp}, "
-              f"compile={args.compile}, wa={wa_text}; " + (f"resumed {args.out}/last.pt at epoch {start}" if ck else
-                                                              "new run"))
+        extra_text = f", {b_extra} extra a batch" if b_extra else ""
+        print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val{extra_text}), "
+              f"{device} x {world}, amp={args.amp}, compile={args.compile}, wa={wa_text}; "
+              f"{f'resumed {args.out}/last.pt at epoch {start}' if ck else 'new run'}", flush=True)
     # ---- end shared ----
     if rank == 0:
         print("train: " + (attacks.describe("pgd", args.eps, args.steps, args.alpha, args.norm) if args.eps > 0 else
@@ -225,9 +227,10 @@ def main(argv=None):
             rec = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in rec.items()}  # no float noise
             print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                              if v is not None), flush=True)
-            history.append(rec)  # log.jsonl is written whole (atomically) from last.pt's history: a resumed run's
-            models.atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.writelines(  # log has no stale lines
-                json.dumps(r) + "\n" for r in history), mode="w")
+            # log.jsonl is rewritten whole from the history kept in last.pt: a resumed run's log has no stale lines
+            history.append(rec)
+            models.atomic_write(os.path.join(args.out, "log.jsonl"),
+                                lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
             # the checkpoints, each written atomically; best: the best validation PGD accuracy (Rice et al.), clean
             # accuracy for natural training
             info = dict(format=models.CKPT_FORMAT, method=METHOD, arch=args.arch, dataset=args.dataset,
@@ -287,14 +290,9 @@ def within(interval, kind=float):
 
 
 def lr_at(args, t):
-    """The piecewise-constant lr after t epochs (0-based, fractional): --lr x0.1 for every milestone passed. At the
+    """The piecewise-constant lr after t epochs (0-based, fractional): --lr x0.1 for every milestone m <= t. At the
     start of epoch e (t = e) it has decayed for the first time in epoch m + 1 (1-based)."""
-    return args.lr * 0.1 ** stage(args, t)
-
-
-def stage(args, t):
-    """The lr stage after t epochs: the number of milestones m <= t."""
-    return sum(t >= m for m in args.milestones)
+    return args.lr * 0.1 ** sum(t >= m for m in args.milestones)
 
 
 def parse(p, argv):
@@ -347,9 +345,8 @@ def check_out(args, rank):
         f"--wa --wa-mode {a['wa_mode']}" if a["wa"] else "(no --wa)")
     require(run(ck["method"], ck["args"]) == run(METHOD, vars(args)), f"{last} holds a run of "
             f"{run(ck['method'], ck['args'])}; resume it with those flags, or pass --out for a new run")
-    log = os.path.join(args.out, "log.jsonl")
-    if "log" not in ck:  # a last.pt of an earlier version: its log lives in log.jsonl alone
-        ck["log"] = [json.loads(s) for s in open(log) if s.strip()][:ck["epoch"]] if os.path.exists(log) else []
+    log = os.path.join(args.out, "log.jsonl")  # a last.pt of an earlier version: its log lives in log.jsonl alone
+    ck.setdefault("log", [json.loads(s) for s in open(log) if s.strip()][:ck["epoch"]] if os.path.exists(log) else [])
     changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {v}" for k, v in vars(args).items()
                if k != "resume" and ck["args"].get(k, v) != v]
     if rank == 0 and changed:

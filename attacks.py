@@ -109,8 +109,7 @@ def fraction(s):
 
 def radius(v, norm="Linf", digits=4):
     """An L-inf radius or step as the user would write it: 8/255 for multiples of 1/255 in (0, 1] (-8/255 too; 0.2
-    stays 0.2),
-    anything else (0.1, 0.031, 8, L2 radii) as a number with `digits` significant digits."""
+    stays 0.2); anything else (0.1, 0.031, 8, L2 radii) as a number with `digits` significant digits."""
     k = v * 255
     if norm == "Linf" and 0 < abs(v) <= 1 and abs(k - round(k)) < 1e-6 and round(v, 3) != v:  # 0.2, not 51/255
         return f"{round(k)}/255"

@@ -163,8 +163,8 @@ def verdicts(r, n):
                     text=f"two passes of the same {n} images: largest |logit difference| {diff:.3g} (largest |logit| "
                          f"{scale:.3g}), {changed} predictions changed" + (
                         ": the model is randomised; gradient attacks need EOT (average the gradient over many passes) "
-                        "and AutoAttack version='rand' (eval.py --attacks aa-rand); the numbers above are not a robustness "
-                        "claim" if warn else "")))
+                        "and AutoAttack version='rand' (eval.py --attacks aa-rand); the numbers above are not a "
+                        "robustness claim" if warn else "")))
     return out
 
 

@@ -3043,7 +3043,7 @@ def test_snapshots_and_the_vulnerability_analysis_resume_and_recompute_nothing(t
                                                           r"--save-every K")
     # killed after the first snapshot: the second call continues, equal to an uninterrupted one, and a third
     # computes nothing
-    args = [str(run), "--n", "20", "--batch-size", "8", "--device", DEV]
+    args = [str(run), "--n-images", "20", "--batch-size", "8", "--device", DEV]
     ref_run = tmp_path / "ref"
     import shutil
     shutil.copytree(run, ref_run, copy_function=shutil.copy2)  # the same files and mtimes
@@ -3067,12 +3067,26 @@ def test_snapshots_and_the_vulnerability_analysis_resume_and_recompute_nothing(t
     again = vulnerability.main(args)[str(run)]
     assert calls == [] and again["snapshots"] == got["snapshots"]
     # a smaller --n reads the first images of the larger analysis and removes nothing
-    small = vulnerability.main([str(run), "--n", "10", "--batch-size", "8", "--device", DEV])[str(run)]
+    small = vulnerability.main([str(run), "--n-images", "10", "--batch-size", "8", "--device", DEV])[str(run)]
     assert calls == [] and small["n_images"] == 10
     saved = json.load(open(run / "vulnerability.json"))
     assert len(saved["analyses"]) == 2 and all("gini" in s for s in saved["analyses"][saved["latest"]]["snapshots"].values())
     out = capsys.readouterr().out
     assert "picture: " in out and os.path.getsize(run / "vulnerability.png") > 10000
+    # under torchrun the images are spread over the processes in chunks: 2 processes give every per-image number of 1
+    two = tmp_path / "two"
+    shutil.copytree(ref_run, two, copy_function=shutil.copy2)
+    os.remove(two / "vulnerability.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "vulnerability.py"), str(two), "--n-images", "20", "--batch-size", "4", "--device",
+                        "cpu"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, both = (torch.load(d / "vulnerability.pt", weights_only=True) for d in (ref_run, two))
+    assert len(one) == len(both) == 2
+    for k1, k2 in zip(sorted(one), sorted(both)):
+        for part in ("train", "held_out"):
+            assert torch.allclose(one[k1][part], both[k2][part], atol=1e-6), (k1, part)
 
 
 def test_trades_label_smoothing_matches_the_smoothed_target():

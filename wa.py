@@ -45,8 +45,9 @@ def describe(mode, decay, warmup, start, bn):
     if not mode:
         return "off"
     if mode == "swa":
-        return (f"swa (equal average of the end-of-epoch weights from epoch {start + 1}, the first after an lr decay; "
-                f"BatchNorm recomputed on {bn} images)")
+        after = ", the first after an lr decay" if start else ""
+        return f"swa (equal average of the end-of-epoch weights from epoch {start + 1}{after}; BatchNorm recomputed on " \
+            f"{bn} images)"
     return f"ema (decay {decay:g} after every step{', warmed up' if warmup else ''})"
 
 
