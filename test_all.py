@@ -2850,7 +2850,8 @@ def test_extra_data_files_and_how_batches_mix_them(tmp_path):
                         ("evil.pickle", r"refusing to load .*evil.pickle: the pickle holds posix.system")):
         one_line_error(lambda a: data.load_extra(a[0], shape, 10, cache), str(tmp_path / name), match=match)
     assert not marker.exists()
-    one_line_error(at.main, "--extra-fraction", "0.7", match="--extra-fraction: give the extra images with --extra-data")
+    one_line_error(at.main, "--extra-fraction", "0.7",
+                   match="--extra-fraction: give the extra images with --extra-data")
     # batches: B labelled + E extra images a batch, the extra ones in the order of the epoch's permutation of the set,
     # the joined batch shuffled
     images, labels = write_extra(tmp_path / "mix.npz", 30)
@@ -3070,17 +3071,22 @@ def test_snapshots_and_the_vulnerability_analysis_resume_and_recompute_nothing(t
     small = vulnerability.main([str(run), "--n-images", "10", "--batch-size", "8", "--device", DEV])[str(run)]
     assert calls == [] and small["n_images"] == 10
     saved = json.load(open(run / "vulnerability.json"))
-    assert len(saved["analyses"]) == 2 and all("gini" in s for s in saved["analyses"][saved["latest"]]["snapshots"].values())
+    latest = saved["analyses"][saved["latest"]]["snapshots"]
+    assert len(saved["analyses"]) == 2 and all("gini" in s for s in latest.values())
     out = capsys.readouterr().out
     assert "picture: " in out and os.path.getsize(run / "vulnerability.png") > 10000
+    both = vulnerability.main([str(run), str(ref_run), "--n-images", "20", "--batch-size", "8", "--device", DEV])
+    beside = json.load(open(tmp_path / "report" / "vulnerability.json"))  # several runs: the numbers beside the picture
+    assert set(beside) == set(both) and os.path.getsize(tmp_path / "report" / "vulnerability.png") > 10000
+    assert all("gini" in s for s in beside[str(run)]["snapshots"].values()) and calls == []
     # under torchrun the images are spread over the processes in chunks: 2 processes give every per-image number of 1
     two = tmp_path / "two"
     shutil.copytree(ref_run, two, copy_function=shutil.copy2)
     os.remove(two / "vulnerability.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "vulnerability.py"), str(two), "--n-images", "20", "--batch-size", "4", "--device",
-                        "cpu"], capture_output=True, text=True, timeout=300, env=env)
+                        os.path.join(HERE, "vulnerability.py"), str(two), "--n-images", "20", "--batch-size", "4",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     one, both = (torch.load(d / "vulnerability.pt", weights_only=True) for d in (ref_run, two))
     assert len(one) == len(both) == 2
