@@ -10,9 +10,9 @@ Each configuration runs `python METHOD.py --bench ...` (2 epochs of --max-batche
 data; the second epoch is timed, so cudnn autotuning and compilation are not counted) in a process of its own, so
 an out-of-memory try cannot disturb the next one, and reads the images/s it prints. Printed, and written as JSON
 (--out): images/s, the achieved TFLOP/s (the model's forward FLOPs, counted here by torch.utils.flop_counter, x the
-method's forward-equivalents per image, PASSES), the fraction of the GPU's dense
-bf16 peak, the time of a 50,000-image CIFAR-10 epoch at that speed, and each method's step time relative to at.py
-(at's images/s over the method's). On a CPU the tiny configuration runs (in this process), for the tests.
+method's forward-equivalents per image, PASSES), the fraction of the GPU's dense bf16 peak, the time of a
+50,000-image CIFAR-10 epoch at that speed, and each method's step time relative to at.py (at's images/s over the
+method's). On a CPU the tiny configuration runs (in this process), for the tests.
 The default GPU set is sized to finish within about 10 minutes on one H100.
 """
 import argparse

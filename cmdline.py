@@ -19,8 +19,8 @@ def parse_args(parser, argv=None):
     def error(message):
         raise SystemExit(f"error: {message} (--help lists the flags)")
     parser.error = error
-    if hasattr(parser, "_negative_number_matcher"):
-        parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?(/[\d.]+)?$")
+    if hasattr(parser, "_negative_number_matcher"):  # the method files' pattern (Python 3.13's argparse)
+        parser._negative_number_matcher = re.compile(r"^-\.?\d")
     return parser.parse_args(argv)
 
 

@@ -241,7 +241,7 @@ def square(model, x, y, eps=8 / 255, norm="Linf", queries=5000, seed=0):
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     devices = [x.device] if x.device.type == "cuda" else []
     with attacks.frozen(model), torch.random.fork_rng(devices=devices), \
-                torch.autocast(x.device.type, enabled=False):
+            torch.autocast(x.device.type, enabled=False):
         adversary = AutoAttack(model, norm=norm, eps=eps, version="standard", device=x.device, seed=seed)
         adversary.square.n_queries = queries
         adv = _aa_component(adversary, "square", x, y).detach()

@@ -216,7 +216,7 @@ def main(argv=None):
         if ck["wa_model"] is not None:
             avg.module.load_state_dict(ck["wa_model"])
             avg.n_averaged.fill_(ck["wa_n"])
-        start, best, wa_best, history = ck["epoch"], ck["best"], ck["wa_best"], ck["log"]
+        start, best, wa_best, history = ck["epoch"], ck["best"], ck["wa_best"], ck.get("log", [])
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a run that cannot start leaves no folder
         wa_text = wa.describe(args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn)
@@ -407,8 +407,10 @@ def check_out(args, rank):
         f"--wa --wa-mode {a['wa_mode']}" if a["wa"] else "(no --wa)")
     require(run(ck["method"], ck["args"]) == run(METHOD, vars(args)), f"{last} holds a run of "
             f"{run(ck['method'], ck['args'])}; resume it with those flags, or pass --out for a new run")
-    log = os.path.join(args.out, "log.jsonl")  # a last.pt of an earlier version: its log lives in log.jsonl alone
-    ck.setdefault("log", [json.loads(s) for s in open(log) if s.strip()][:ck["epoch"]] if os.path.exists(log) else [])
+    log = os.path.join(args.out, "log.jsonl")
+    if "log" not in ck and os.path.exists(log):  # a last.pt of an earlier version: its log is in log.jsonl alone
+        with open(log) as f:
+            ck["log"] = [json.loads(s) for s in f if s.strip()][:ck["epoch"]]
     changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {v}" for k, v in vars(args).items()
                if k != "resume" and ck["args"].get(k, v) != v]
     if rank == 0 and changed:
