@@ -7,38 +7,29 @@ with the recipe of Rice, Wong, Kolter, "Overfitting in adversarially robust deep
 
 the inner max approximated by PGD-10 (eps 8/255, step 2/255, random start) with the network in train mode.
 PreActResNet-18, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs; best.pt is chosen by PGD-10
-accuracy on a held-out split of the training set (Rice et al.'s early stopping against robust overfitting).
-As Rice et al.'s train_cifar.py, the lr is set before every step from t = epoch + (i + 1) / batches (0-based epoch,
-batch i): x0.1 once t reaches 100 and again at 150, so the last step of epochs 100 and 150 (1-based) already runs at
-the lower lr. Rice et al.'s CIFAR-100 script also rotates the images by up to 15 degrees: --rotate 15.
---eps 0 is natural training (no attack; best.pt is then chosen on clean accuracy).
+accuracy on a held-out split of the training set (Rice et al.'s early stopping against robust overfitting). As their
+train_cifar.py, the lr is set before every step from t = epoch + (i + 1) / batches: x0.1 once t reaches 100 and 150,
+so the last step of epochs 100 and 150 (1-based) already runs at the lower lr. Their CIFAR-100 script also rotates the
+images by up to 15 degrees: --rotate 15. --eps 0 is natural training (best.pt is then chosen on clean accuracy).
 
     python at.py                                   # PreActResNet-18, CIFAR-10, the paper's setting
     python at.py --dataset cifar100 --wa --amp     # + EMA weight averaging, bf16 autocast
     torchrun --nproc_per_node=4 at.py --amp        # data-parallel on 4 GPUs, global batch still 128
-    python at.py --bench --arch wrn34_10 --amp     # images/s of this configuration, in a minute
 
-Read it from the top: the method (at_objective), its flags, then main: the set-up, the epoch loop, the end of each
-epoch. The plumbing (flag checks, the output folder, errors) comes last, below a banner. The code marked "shared run
-code" is the same in every method file (a test keeps the copies identical), so `diff at.py sar.py` shows the method.
---save-every K keeps the weights of every K-th epoch; `python vulnerability.py OUT` then shows how each training
-image's adversarial vulnerability evolves over the run (ISEAT's first finding, for any method).
+Below: the method, its flags, main, then the plumbing. The "shared run code" is the same in every method file (a test
+keeps the copies identical): `diff at.py sar.py` shows the method. --save-every K: snapshots for vulnerability.py.
 """
 import argparse
-import datetime
 import json
-import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.optim.swa_utils import update_bn
 
 import attacks
 import data
@@ -51,11 +42,10 @@ TERM = None  # the method's own loss term, logged as train_TERM (PGD-AT has none
 
 
 def at_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, noise=None, norm="Linf"):
-    """PGD-AT's loss on one batch: x' = PGD-`steps` from a random start in the eps-ball, with the network in the mode
-    the caller left it in (train mode, as Rice et al.); then CE(f(x'), y). `noise`: the U(0, 1) draw of the random
-    start (default: drawn here); norm "L2": the L2 ball (noise: a point of the unit ball). Returns (loss,
-    adversarial logits); the caller owns zero_grad, backward and the optimiser step. eps 0 is natural training (no
-    attack). Needs torch, torch.nn.functional as F and attacks.pgd (with cw_loss, which pgd names)."""
+    """PGD-AT's loss on one batch: x' = PGD-`steps` from a random start in the eps-ball (norm "Linf" or "L2"), the
+    network in the mode the caller left it in (train mode, as Rice et al.); then CE(f(x'), y). `noise`: the start's
+    draw (U(0, 1); L2: a point of the unit ball; default: drawn here). eps 0: natural training. Returns (loss,
+    adversarial logits); the caller owns zero_grad, backward and the step. Needs torch, F, attacks.pgd and cw_loss."""
     x_adv = pgd(model, x, y, eps, alpha, steps, random_start=True, norm=norm, noise=noise) if eps > 0 else x
     logits = model(x_adv)
     return F.cross_entropy(logits.float(), y), logits
@@ -109,39 +99,17 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     # ---- shared run code: set-up ----
-    # torchrun: one process per GPU (gloo: per CPU process), each with its share of every global batch. Its store
-    # outlives a restart (--max-restarts): each attempt's keys get a prefix, or a process reads a dead one's.
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if args.device == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the process's own GPU, for NCCL and every allocation
-    if world > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=args.timeout)
-        store = next(dist.rendezvous("env://", timeout=timeout))[0]
-        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
-                                timeout=timeout)
-    ck = check_out(args, rank)  # the last.pt to resume, or None; the folder is checked before any data is read
+    world, rank, device = data.start_processes(args.device, args.timeout)  # torchrun: one process a GPU
     torch.manual_seed(args.seed)  # the same initial weights on every process
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    ds = data.load(args.dataset, args.data_dir, args.val_size, device, args.pad_mode, args.rotate, args.augment)
-    extra = data.attach_extra(args.extra_data, ds, device, args.extra_on, args.data_dir) if args.extra_data else None
-    # The batch geometry, once. A global batch is B labelled images + B extra ones (ISEAT's --rst), or B images of
-    # which int(f B) are extra (--extra-fraction f, as the authors' samplers); an epoch is ceil(labelled / B) batches.
-    b_extra = 0 if extra is None else int(args.batch_size * (args.extra_fraction or 1))
-    b_lab = args.batch_size - (b_extra if args.extra_fraction else 0)
-    n_train = len(ds["train_y"])
-    sizes = [min(b_lab, n_train - i * b_lab) + b_extra for i in range(math.ceil(n_train / args.batch_size))]
-    sizes = sizes[:args.max_batches]  # the size of each global batch of the epoch
-    # model: the weights (optimised, averaged, validated, saved); net: the same network as the step calls it
-    model = models.get_model(args.arch, ds["num_classes"], ds["channels"])
+    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset))
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         require(device.type == "cuda" or not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
                 "--sync-bn: nn.SyncBatchNorm runs on GPUs only; leave it out for CPU processes")
     model = model.to(device, memory_format=mem)
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model) if args.compile else model  # model: the weights; net: what the step calls
     if world > 1:  # DDP averages the gradients in backward; BatchNorm buffers are broadcast once an epoch (below)
         net = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, broadcast_buffers=False)
         for p in model.parameters():
@@ -149,21 +117,17 @@ def main(argv=None):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
     wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
-    start, best, wa_best, history = 0, -1.0, -1.0, []  # history: the log's records, kept in last.pt too
-    if ck is not None:  # check_out matched its method, network, data set and weight average with these flags
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if ck["wa_model"] is not None:
-            avg.module.load_state_dict(ck["wa_model"])
-            avg.n_averaged.fill_(ck["wa_n"])
-        start, best, wa_best, history = ck["epoch"], ck["best"], ck["wa_best"], ck.get("log", [])
+    start, best, wa_best, history = check_out(args, rank, model, opt, avg)  # new, or resumed; before any data is read
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device, args.pad_mode, args.rotate, args.augment)
+    extra = data.attach_extra(args.extra_data, ds, device, args.extra_on, args.data_dir) if args.extra_data else None
+    n_train = len(ds["train_y"])  # sizes: of each global batch of an epoch, b_lab labelled + b_extra extra images
+    b_lab, b_extra, sizes = data.geometry(n_train, args.batch_size, extra, args.extra_fraction, args.max_batches)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)  # only now: a run that cannot start leaves no folder
-        wa_text = wa.describe(args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn)
-        extra_text = f", {b_extra} extra a batch" if b_extra else ""
-        print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val{extra_text}), "
-              f"{device} x {world}, amp={args.amp}, compile={args.compile}, wa={wa_text}; "
-              f"{f'resumed {args.out}/last.pt at epoch {start}' if ck else 'new run'}", flush=True)
+        models.remove_stale_temp_files(args.out)  # the temp files of writes that were killed
+        print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val, {b_extra} extra "
+              f"a batch), {device} x {world}, amp={args.amp}, compile={args.compile}, wa="
+              + wa.describe(args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn), flush=True)
     # ---- end shared ----
     if rank == 0:
         print("train: " + (attacks.describe("pgd", args.eps, args.steps, args.alpha, args.norm) if args.eps > 0 else
@@ -172,27 +136,21 @@ def main(argv=None):
     for epoch in range(start, args.epochs):
         # ---- shared run code: the epoch's start ----
         net.train()
-        lr = lr_at(args, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # The epoch's order, augmentation and attack starts come from (seed, epoch), for the global batch: a resumed
-        # run repeats the epoch exactly, N processes see the data of one. 100_003: a prime above any epoch count.
-        epoch_seed = args.seed * 100_003 + epoch
-        torch.manual_seed(epoch_seed)  # any other randomness of the step
+        lr = lr_at(args, epoch)  # the lr the epoch starts with (at.py then sets it before every step)
+        opt.param_groups[0]["lr"] = lr
+        epoch_seed = args.seed * 100_003 + epoch  # 100_003: a prime above any epoch count
+        torch.manual_seed(epoch_seed)  # the batches and the step draw from (seed, epoch): a resume repeats the epoch
         tally = torch.zeros(3, device=device)  # loss, correct, the method's term: summed on the device, read once
-        log = {}  # the method's own entries of the log line (train_TERM: None where the method switched it off)
-        t0 = time.time()
+        log, t0 = {}, time.time()  # log: the method's own entries of the log line (train_TERM None: switched off)
         # ---- end shared ----
         for i, (x, y, noise) in enumerate(data.batches(
                 ds["train_x"], ds["train_y"], b_lab, shuffle=True, augment=ds["augment"], seed=epoch_seed, rank=rank,
                 world=world, max_batches=len(sizes), memory_format=mem, extra=extra, extra_per_batch=b_extra,
                 noise="uniform" if args.norm == "Linf" else "ball")):
-            for g in opt.param_groups:  # Rice et al.: the lr of t = epoch + (i + 1) / batches, set before every step
-                g["lr"] = lr_at(args, epoch + (i + 1) / len(sizes))
+            opt.param_groups[0]["lr"] = lr_at(args, epoch + (i + 1) / len(sizes))  # Rice et al.: before every step
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 loss, logits = at_objective(net, x, y, args.eps, args.alpha, args.steps, noise, args.norm)
-            # the attack took input gradients only; set_to_none=False keeps DDP's buckets (a gradient allocated anew
-            # by a backward through two forwards can get other strides than its parameter, and DDP would copy it)
+            # set_to_none=False: the gradients stay in DDP's buckets (new ones may get strides that DDP would copy)
             opt.zero_grad(set_to_none=False)
             loss.backward()
             opt.step()
@@ -207,18 +165,17 @@ def main(argv=None):
         loss_sum, correct, term_sum = tally.tolist()  # the epoch's one host sync
         train_time, seen = time.time() - t0, sum(sizes)
         if avg is not None and args.wa_mode == "swa" and epoch >= wa_start:  # SWA: the end-of-epoch weights
-            avg.update_parameters(model)
-            with torch.no_grad():  # then its BatchNorm statistics, from a pass over (clean or PGD) training images
-                update_bn(wa.bn_batches(ds, model, seen, mem, rank, world if args.sync_bn else 1, (
-                    args.eps, args.alpha, args.steps, args.norm) if args.wa_bn == "adversarial" else None), avg.module)
+            avg.update_parameters(model)  # then its BatchNorm statistics, from a pass over (clean or PGD) images
+            wa.update_bn(avg, ds, model, seen, mem, rank, world if args.sync_bn else 1, (
+                args.eps, args.alpha, args.steps, args.norm) if args.wa_bn == "adversarial" else None)
         if world > 1:  # rank 0's BatchNorm statistics to every process (without --sync-bn they drift apart)
             for b in [*model.buffers(), *(avg.module.buffers() if avg is not None else [])]:
                 dist.broadcast(b, 0)
         if rank == 0:  # validation, the log line, the checkpoints
             wa_ready = avg is not None and int(avg.n_averaged) > 0
-            val_clean, val_pgd = validate(model, ds, args.eps, args.alpha, args.val_steps, args.norm)
-            wa_clean, wa_pgd = validate(avg.module if wa_ready else None, ds, args.eps, args.alpha, args.val_steps,
-                                        args.norm)
+            val = lambda m: attacks.accuracy(m, ds["val_x"], ds["val_y"], args.eps, args.alpha, args.val_steps,  # noqa
+                                             args.norm)
+            (val_clean, val_pgd), (wa_clean, wa_pgd) = val(model), val(avg.module if wa_ready else None)
             if TERM:
                 log.setdefault(f"train_{TERM}", term_sum / seen)
             rec = dict(epoch=epoch + 1, lr=lr, **log, train_loss=loss_sum / seen, train_acc=100 * correct / seen,
@@ -227,12 +184,10 @@ def main(argv=None):
             rec = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in rec.items()}  # no float noise
             print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                              if v is not None), flush=True)
-            # log.jsonl is rewritten whole from the history kept in last.pt: a resumed run's log has no stale lines
-            history.append(rec)
+            history.append(rec)  # log.jsonl is rewritten whole from it: a resumed run's log has no stale lines
             models.atomic_write(os.path.join(args.out, "log.jsonl"),
                                 lambda f: f.writelines(json.dumps(r) + "\n" for r in history), mode="w")
-            # the checkpoints, each written atomically; best: the best validation PGD accuracy (Rice et al.), clean
-            # accuracy for natural training
+            # the checkpoints, atomically; best: by validation PGD accuracy (Rice et al.), clean for natural training
             info = dict(format=models.CKPT_FORMAT, method=METHOD, arch=args.arch, dataset=args.dataset,
                         num_classes=ds["num_classes"], in_channels=ds["channels"], epoch=epoch + 1, args=vars(args),
                         metrics=rec, extra_images=0 if extra is None else len(extra["y"]))
@@ -255,13 +210,13 @@ def main(argv=None):
     if rank == 0 and args.bench:  # bench.py turns this line into TFLOP/s
         print(f"benchmark: {rec['img_per_s']:.4g} images/s ({METHOD}.py, {args.arch}, {args.dataset}, batch "
               f"{args.batch_size}, {world} process(es), amp={args.amp}, compile={args.compile})", flush=True)
-    if args.bench:
-        shutil.rmtree(args.out, ignore_errors=True)
     elif rank == 0:
-        ck_path = os.path.join(args.out, "best.pt" if args.val_size else "last.pt")
-        print(f"done: {METHOD}.py trained to epoch {args.epochs}; files in {args.out}. Next: python eval.py {ck_path}")
+        print(f"done: {METHOD}.py trained to epoch {args.epochs}; files in {args.out}. Next: python eval.py "
+              f"{os.path.join(args.out, 'best.pt' if args.val_size else 'last.pt')}")
     if dist.is_initialized():
         dist.destroy_process_group()
+    if args.bench:
+        shutil.rmtree(args.out, ignore_errors=True)
     return model, avg
     # ---- end shared ----
 
@@ -270,19 +225,16 @@ def main(argv=None):
 # The plumbing that serves the run: flag checks, the output folder, the error lines. A reader may stop here.
 # ======================================================================================================================
 # ---- shared run code: helpers ----
-def require(ok, message):
-    """Bad input ends in one line naming the problem and the fix."""
+def require(ok, message):  # bad input ends in one line naming the problem and the fix
     if not ok:
         raise SystemExit(f"error: {message}")
 
 
 def within(interval, kind=float):
     """argparse type=: a `kind` (int, float, attacks.fraction) in `interval`, such as "[0, 1)" or "(0, inf)"."""
-    lo, hi = (float(v) for v in interval[1:-1].split(","))
-
     def convert(s):
-        v = kind(s)
-        if not (lo < v if interval[0] == "(" else lo <= v) or not (v < hi if interval[-1] == ")" else v <= hi):
+        v, lo, hi = kind(s), *(float(b) for b in interval[1:-1].split(","))
+        if v < lo or v > hi or (v == lo and interval[0] == "(") or (v == hi and interval[-1] == ")"):
             raise argparse.ArgumentTypeError(f"{s} is outside {interval}; give a value in it")
         return v
     convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" for text that is no number
@@ -290,8 +242,7 @@ def within(interval, kind=float):
 
 
 def lr_at(args, t):
-    """The piecewise-constant lr after t epochs (0-based, fractional): --lr x0.1 for every milestone m <= t. At the
-    start of epoch e (t = e) it has decayed for the first time in epoch m + 1 (1-based)."""
+    """The lr after t epochs (0-based, fractional): --lr x0.1 for every milestone m <= t (first in epoch m + 1)."""
     return args.lr * 0.1 ** sum(t >= m for m in args.milestones)
 
 
@@ -301,43 +252,35 @@ def parse(p, argv):
     p._negative_number_matcher = re.compile(r"^-\.?\d")  # -1e-4, -8/255: values, not flags (as Python 3.13's argparse)
     a = p.parse_args(argv)
     a.out = a.out or os.path.join("runs", f"{METHOD}-{a.dataset}-{a.arch}")
-    linf = a.norm == "Linf"
-    a.eps = (8 / 255 if linf else 128 / 255) if a.eps is None else a.eps
-    a.alpha = (2 / 255 if linf else 15 / 255) if a.alpha is None else a.alpha
+    a.eps = {"Linf": 8 / 255, "L2": 128 / 255}[a.norm] if a.eps is None else a.eps
+    a.alpha = {"Linf": 2 / 255, "L2": 15 / 255}[a.norm] if a.alpha is None else a.alpha
     e, ms = attacks.radius(a.eps), " ".join(map(str, a.milestones))
-    require(not linf or max(a.eps, a.alpha) <= 1, f"--eps {e}, --alpha {attacks.radius(a.alpha)}: L-inf radii and "
-                                                   f"steps are in [0,1] pixel units (8/255, not 8)")
+    require(a.norm == "L2" or max(a.eps, a.alpha) <= 1, f"--eps {e}, --alpha {attacks.radius(a.alpha)}: L-inf "
+                                                          f"radii and steps are in [0,1] pixel units (8/255, not 8)")
     require(a.steps > 0 or a.eps == 0, f"--steps 0 with --eps {e}: give the attack steps, or --eps 0 for natural")
     require(a.milestones == sorted(set(a.milestones)), f"--milestones {ms}: give increasing epochs")
     require(a.extra_data or a.extra_fraction is None, "--extra-fraction: give the extra images with --extra-data")
     require(a.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA GPU is visible; use --device cpu")
-    require(a.batch_size >= int(os.environ.get("WORLD_SIZE", "1")), f"--batch-size {a.batch_size}: give at least "
-                                                                      f"one image to each torchrun process")
-    late = [m for m in a.milestones if m >= a.epochs]
-    given = any(s.startswith("--milestones") for s in (sys.argv[1:] if argv is None else argv))
-    require(not (late and given), f"--milestones {ms}: each must be below --epochs {a.epochs} (the lr decays after)")
-    if late and not a.bench and os.environ.get("RANK", "0") == "0":
-        print(f"note: --epochs {a.epochs} ends before the default --milestones {ms}; pass --milestones to decay")
+    require(a.batch_size >= int(os.environ.get("WORLD_SIZE", "1")), "--batch-size: give each process an image")
+    if any(m >= a.epochs for m in a.milestones) and not a.bench and os.environ.get("RANK", "0") == "0":
+        print(f"note: --milestones {ms} with --epochs {a.epochs}: the lr decays only after the milestones below it")
     if a.bench:
         a.epochs, a.max_batches, a.val_size = 2, a.max_batches or 20, 0
         a.out, a.resume = tempfile.mkdtemp(prefix="bench-"), False
     return a
 
 
-def check_out(args, rank):
-    """The output folder, before any work: writable, cleared of the temp files of killed writes; a run there is only
-    continued (--resume), by the same method, network, data set and weight average. Returns last.pt, or None."""
+def check_out(args, rank, model, opt, avg):
+    """The output folder: writable; a run there is only continued (--resume), by the same method, network, data set
+    and weight average, whose state it loads. Returns (epochs done, best, wa_best, the log's records so far)."""
     top = os.path.abspath(args.out)
     while not os.path.exists(top):
         top = os.path.dirname(top)
     require(os.path.isdir(top) and os.access(top, os.W_OK), f"cannot write to {args.out}; pass --out to a folder")
-    if rank == 0:
-        models.remove_stale_temp_files(args.out)
     last = os.path.join(args.out, "last.pt")
     if not os.path.exists(last):
-        return None
-    require(args.resume, f"{args.out} already holds a run (last.pt); pass --resume to continue it or --out for a new "
-                         f"one")
+        return 0, -1.0, -1.0, []
+    require(args.resume, f"{args.out} already holds a run (last.pt); pass --resume to continue it, or another --out")
     ck = models.load_checkpoint(last)
     require(isinstance(ck, dict) and ck.get("format") == models.CKPT_FORMAT and "optimizer" in ck,
             f"{last} is not a last.pt written by this project; pass --out for a new run")
@@ -345,39 +288,29 @@ def check_out(args, rank):
         f"--wa --wa-mode {a['wa_mode']}" if a["wa"] else "(no --wa)")
     require(run(ck["method"], ck["args"]) == run(METHOD, vars(args)), f"{last} holds a run of "
             f"{run(ck['method'], ck['args'])}; resume it with those flags, or pass --out for a new run")
-    log = os.path.join(args.out, "log.jsonl")
-    if "log" not in ck and os.path.exists(log):  # a last.pt of an earlier version: its log is in log.jsonl alone
-        with open(log) as f:
-            ck["log"] = [json.loads(s) for s in f if s.strip()][:ck["epoch"]]
     changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {v}" for k, v in vars(args).items()
                if k != "resume" and ck["args"].get(k, v) != v]
-    if rank == 0 and changed:
-        print("resuming with changed flags: " + ", ".join(changed))
-    return ck
-
-
-def validate(model, ds, eps, alpha, steps, norm):
-    """Clean and PGD-`steps` accuracy (%) on the held-out split, in the training norm, radius and step: the model
-    frozen in eval mode, fp32, random start. PGD is None for natural training; both None without a model or split."""
-    if model is None or len(ds["val_y"]) == 0:
-        return None, None
-    acc = lambda **attack: 100 * attacks.correct(model, ds["val_x"], ds["val_y"], **attack).float().mean().item()
-    return acc(), acc(attack=attacks.pgd, eps=eps, alpha=alpha, steps=steps, norm=norm) if eps > 0 else None
+    if rank == 0:
+        print(f"resuming {last} at epoch {ck['epoch']}" + (f"; changed flags: {', '.join(changed)}" if changed else ""))
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    if ck["wa_model"] is not None:
+        avg.module.load_state_dict(ck["wa_model"])
+        avg.n_averaged.fill_(ck["wa_n"])
+    return ck["epoch"], ck["best"], ck["wa_best"], ck.get("log", [])
 
 
 def cli(argv=None):
-    """The command line: one error line, printed once under torchrun. A process that lost the others (a peer killed,
-    a node gone) ends in one line after --timeout seconds; torchrun --max-restarts then continues from last.pt."""
+    """The command line: one error line, printed once under torchrun, also from a process that lost the others."""
     try:
         return main(argv)
-    except SystemExit as e:
+    except SystemExit as e:  # under torchrun only rank 0 prints the error line
         raise SystemExit(1 if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" else e.code) from None
     except RuntimeError as e:  # a collective that failed: gloo's and NCCL's errors are RuntimeErrors
         if "WORLD_SIZE" not in os.environ or not any(w in str(e) for w in ("gloo", "NCCL", "onnection", "imed out")):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other processes ({first}); "
-                         f"run under torchrun --max-restarts N with --resume") from None
+        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other processes "
+                         f"({str(e).strip().splitlines()[0][:120]}); use torchrun --max-restarts N, --resume") from None
 
 
 if __name__ == "__main__":

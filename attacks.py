@@ -1,4 +1,4 @@
-"""Attacks: PGD (L-inf, and L2 as an extension), FGSM and CW-inf; AutoAttack's entry is in eval.py, its one user.
+"""Attacks: PGD (L-inf, and L2 as an extension) with the CE or CW loss; FGSM and AutoAttack are in eval.py, their user.
 
 Inputs are images in [0, 1]; eps and step sizes are in the same units (8/255, not 0.031).
 PGD (Madry et al. 2018), L-inf:  x' <- clip_[0,1]( x + clip_[-eps,eps]( x' + alpha * sign(grad_x' L) - x ) ).
@@ -56,11 +56,6 @@ def pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, lo
     return (x + delta).detach()
 
 
-def fgsm(model, x, y, eps=8 / 255, norm="Linf"):
-    """FGSM (Goodfellow et al. 2015): one step of size eps from x (L2: along the normalised gradient)."""
-    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False, norm=norm)
-
-
 @contextlib.contextmanager
 def frozen(model):
     """Evaluation attacks: eval() mode (BatchNorm statistics fixed) and no parameter needs a gradient.
@@ -93,6 +88,15 @@ def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
     return torch.cat(out)
 
 
+def accuracy(model, x, y, eps, alpha, steps, norm="Linf"):
+    """Clean and PGD-`steps` accuracy (%) of the frozen model on (x, y), fp32, random start: the methods' validation.
+    PGD is None for eps 0 (natural training); both are None without a model or images."""
+    if model is None or len(y) == 0:
+        return None, None
+    acc = lambda **attack: 100 * correct(model, x, y, **attack).float().mean().item()  # noqa: E731
+    return acc(), acc(attack=pgd, eps=eps, alpha=alpha, steps=steps, norm=norm) if eps > 0 else None
+
+
 def fraction(s):
     """argparse type for radii and steps: '8/255' or a plain number, both in [0,1] pixel units."""
     import argparse
@@ -116,19 +120,9 @@ def radius(v, norm="Linf", digits=4):
     return f"{v:.{digits}g}"
 
 
-def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1, queries=None):
-    """The attack's settings, printed beside every number it produces."""
-    e = radius(eps, norm)
-    if name == "clean":
-        return "clean"
-    if name == "square":
-        return f"Square-{queries} ({norm}, eps {e}, on the images every white-box attack at eps left robust)"
-    if name == "aa":
-        return f"AutoAttack standard ({norm}, eps {e})"
-    if name == "aa-rand":
-        return f"AutoAttack rand ({norm}, eps {e}, APGD-CE and APGD-DLR with EOT over 20 passes)"
-    if name == "fgsm":
-        return f"FGSM ({norm}, eps {e}, one step of size eps, no random start)"
-    a = radius(alpha, norm)
+def describe(name, eps, steps, alpha, norm="Linf", restarts=1, random_start=True):
+    """A PGD or CW attack's settings ("PGD-10 (Linf, eps 8/255, step 2/255, random start, 1 restart)"), printed beside
+    every number it produces (eval.py's describe adds its other attacks)."""
     r = f"{restarts} restart" + ("s" if restarts > 1 else "")
-    return f"{name.upper()}-{steps} ({norm}, eps {e}, step {a}, random start, {r})"
+    return (f"{name.upper()}-{steps} ({norm}, eps {radius(eps, norm)}, step {radius(alpha, norm)}, "
+            f"{'' if random_start else 'no '}random start, {r})")

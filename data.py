@@ -1,18 +1,18 @@
-"""Data: the data sets as uint8 tensors on the training device, batches made there, extra images, IDBH.
+"""Data: the data sets as uint8 tensors on the training device, batches made there, extra images, IDBH, torchrun.
 
-load() reads a data set once (CIFAR-10/100 and SVHN through torchvision; MNIST and Fashion-MNIST from their four
-IDX files, gzipped or not; Tiny ImageNet from its official zip layout, decoded once into a uint8 cache), splits a
-fixed-seed validation set off the training set and puts everything on the device. batches() shuffles, augments
-(random crop with zero or reflect padding, a horizontal flip where it keeps the label, optional rotation, or IDBH)
-and converts to [0, 1] there, for the global batch of every process: no DataLoader, no host-device copies in the
-training loop. Crop padding: 4 (2 for 28-px MNIST and Fashion-MNIST, 8 for 64-px Tiny ImageNet); no flip for SVHN
-and MNIST (digits are not mirror-symmetric). Grey images stay 1-channel.
+load() reads a data set once (CIFAR-10/100 and SVHN through torchvision, MNIST and Fashion-MNIST from their IDX files,
+Tiny ImageNet from its zip layout into a uint8 cache), splits off a fixed-seed validation set and puts it all on the
+device. batches() shuffles, augments (random crop with zero or reflect padding, a flip where it keeps the label,
+rotation; or IDBH) and converts to [0, 1] there, for the global batch of every process: no DataLoader, no host-device
+copies. Crop padding 2 / 4 / 8 for 28 / 32 / 64-px images; no flip for SVHN and MNIST. Grey images stay 1-channel.
 """
+import datetime
 import functools
 import gzip
 import math
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,10 +31,9 @@ SOURCES = {  # what a user must put in --data-dir when it cannot be downloaded
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
     "svhn": "http://ufldl.stanford.edu/housenumbers/{train,test}_32x32.mat",
     "tiny_imagenet": TINY_URL,
-    "mnist": "the four MNIST IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-             "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz])",
-    "fashion_mnist": "the four Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], ...; Debian's "
-                     "dataset-fashion-mnist package puts them in /usr/share/datasets/fashion-mnist)",
+    "mnist": "the four MNIST IDX files (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)",
+    "fashion_mnist": "the four Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist puts them in /usr/share/"
+                     "datasets/fashion-mnist)",
 }
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # The first ten training labels of the official files: MNIST and Fashion-MNIST use the same file names, so this is how
@@ -44,11 +43,9 @@ FIRST_LABELS = {"mnist": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], "fashion_mnist": [9, 0,
 
 def load(name, root="data", val_size=1000, device="cpu", pad_mode="zero", rotate=0.0, augment="crop-flip",
          download=True):
-    """Returns a dict of uint8 N,C,H,W images and int64 labels on `device`: train_x/train_y, val_x/val_y (a
-    fixed-seed split of the training set), test_x/test_y, num_classes, channels, and `augment`, the training
-    augmentation for batches(): crop padding (2 / 4 / 8 for 28 / 32 / 64-px images), its mode (zero, or reflect),
-    flip (whether horizontal flips keep the label), rotate (max degrees, 0 = none) and idbh (an IDBH variant, or
-    None for crop-flip)."""
+    """A dict of uint8 N,C,H,W images and int64 labels on `device`: train_x/y, val_x/y (a fixed-seed split of the
+    training set), test_x/y, num_classes, channels, and `augment`, the settings for batches(): crop padding, its mode
+    (zero or reflect), flip (whether flips keep the label), rotate (max degrees) and idbh (a variant, or None)."""
     # several processes: rank 0 downloads / decodes first, the others then read what it wrote
     shared = dist.is_initialized() and name != "synthetic"
     if shared and dist.get_rank() != 0:
@@ -61,16 +58,20 @@ def load(name, root="data", val_size=1000, device="cpu", pad_mode="zero", rotate
         dist.barrier()
     if not 0 <= val_size < len(tx):
         raise SystemExit(f"error: --val-size {val_size} must be in [0, {len(tx)}) for {name}")
-    # The validation split does not depend on the run's seed: every run and method validates on the same images.
     perm = torch.randperm(len(tx), generator=torch.Generator().manual_seed(0))
-    val_idx, train_idx = perm[:val_size], perm[val_size:].sort().values
+    val_idx, train_idx = perm[:val_size], perm[val_size:].sort().values  # seed 0: every run validates on the same
     d = dict(train_x=tx[train_idx], train_y=ty[train_idx], val_x=tx[val_idx], val_y=ty[val_idx], test_x=sx, test_y=sy)
     d = {k: v.to(device) for k, v in d.items()}
     size = tx.shape[-1]
     d["augment"] = dict(pad=2 if size <= 28 else 4 if size <= 32 else 8, pad_mode=pad_mode, rotate=rotate,
                         flip=name not in ("svhn", "mnist"), idbh=None if augment == "crop-flip" else augment)
-    d.update(num_classes=NUM_CLASSES.get(name, 10), channels=tx.shape[1])
+    d["num_classes"], d["channels"] = classes_and_channels(name)
     return d
+
+
+def classes_and_channels(name):
+    """The number of classes and the image channels of data set `name`, known before it is read."""
+    return NUM_CLASSES.get(name, 10), CHANNELS.get(name, 3)
 
 
 def _missing(name, root, err):
@@ -153,12 +154,12 @@ def _idx_dataset(name, root, download):
 
 
 def _tiny_imagenet(root, download):
-    """Official layout: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG + val/val_annotations.txt. The
-    labelled val split serves as the test set (the official test split has no labels)."""
+    """Official layout: wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG + val/val_annotations.txt; the
+    labelled val split serves as the test set. Decoded once into uint8_cache.npz, written atomically."""
     from PIL import Image
-    base, cache = os.path.join(root, "tiny-imagenet-200"), os.path.join(root, "tiny-imagenet-200", "uint8_cache.npz")
+    base, archive = os.path.join(root, "tiny-imagenet-200"), os.path.join(root, "tiny-imagenet-200.zip")
+    cache = os.path.join(base, "uint8_cache.npz")
     if not os.path.exists(cache):
-        archive = os.path.join(root, "tiny-imagenet-200.zip")
         if not os.path.isdir(base) and not os.path.exists(archive):
             from torchvision.datasets.utils import download_url
             _download("tiny_imagenet", root, download,
@@ -172,22 +173,21 @@ def _tiny_imagenet(root, download):
             train = [(os.path.join(base, "train", w, "images", f), c)
                      for w, c in label.items() for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
             with open(os.path.join(base, "val", "val_annotations.txt")) as f:
-                val = [(os.path.join(base, "val", "images", parts[0]), label[parts[1]])
-                       for parts in (line.split("\t") for line in f) if len(parts) > 1]
+                test = [(os.path.join(base, "val", "images", p[0]), label[p[1]]) for p in (s.split("\t") for s in f)
+                        if len(p) > 1]
         except zipfile.BadZipFile:
             raise SystemExit(f"error: {archive} is not a valid zip file; delete it and download it again") from None
         except (OSError, KeyError) as e:
             raise SystemExit(f"error: {base} does not have the Tiny ImageNet layout ({e}); delete it and unzip "
                              f"tiny-imagenet-200.zip again") from e
         arrays = {}
-        for split, items in (("train", train), ("test", val)):
-            arrays[split + "_x"] = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in items])
-            arrays[split + "_x"] = arrays[split + "_x"].transpose(0, 3, 1, 2)
+        for split, items in (("train", train), ("test", test)):
+            arrays[split + "_x"] = np.stack([np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)
+                                             for p, _ in items])
             arrays[split + "_y"] = np.array([c for _, c in items], dtype=np.int64)
-        tmp = f"{cache}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with open(f"{cache}.tmp{os.getpid()}", "wb") as f:  # a killed decode leaves no half cache behind
             np.savez(f, **arrays)
-        os.replace(tmp, cache)  # atomic: a killed decode leaves no half cache behind
+        os.replace(f"{cache}.tmp{os.getpid()}", cache)
     with np.load(cache, allow_pickle=False) as z:
         return [torch.from_numpy(np.ascontiguousarray(z[k])) for k in ("train_x", "train_y", "test_x", "test_y")]
 
@@ -214,19 +214,26 @@ def _synthetic(n_train=50000, n_test=10000, classes=10, size=32, seed=0):
 
 # ---------------------------------------------------------------- batches, made on the device
 
+def geometry(n, batch_size, extra=None, fraction=None, max_batches=None):
+    """An epoch over n labelled images: (labelled images a global batch, extra images a global batch, the size of each
+    global batch). A batch is B labelled images, or B labelled + B extra ones (ISEAT's --rst), or B images of which
+    int(f B) are extra (fraction f, as the authors' samplers); an epoch is ceil(n / B) batches (at most max_batches)."""
+    b_extra = 0 if extra is None else int(batch_size * (fraction or 1))
+    b_lab = batch_size - (b_extra if fraction else 0)
+    sizes = [min(b_lab, n - i * b_lab) + b_extra for i in range(math.ceil(n / batch_size))]
+    return b_lab, b_extra, sizes[:max_batches]
+
+
 def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, world=1, max_batches=None,
             memory_format=torch.contiguous_format, noise=None, extra=None, extra_per_batch=0):
-    """Yields (float images in [0,1], labels, noise), all on x's device. `augment`: None, or a data set's augmentation
-    settings (load()["augment"]). With world > 1 every global batch is split across processes (torch.tensor_split:
-    contiguous shards in rank order) and process `rank` gets its part: the permutation, the augmentation and `noise`
-    ("uniform": U(0, 1), "normal": N(0, 1), "ball": a point of the unit L2 ball per image, or None: the random start
-    of a training attack) are drawn for the global batch from `seed`, so the data equal those of one process.
-    `extra` (attach_extra's) joins extra_per_batch extra images to every global batch of `batch_size` labelled ones,
-    in the order of a permutation of the extra set drawn from `seed` on the CPU (the same images wherever the set
-    lives); the joined batch is then shuffled, so that every process holds the batch's mix of labelled and extra
-    images (as the authors' samplers do, for BatchNorm), before the augmentation."""
-    # with a seed, order, augmentation and noise come from a generator of their own: they do not depend on how much
-    # randomness the training step draws, so they are the same for any number of processes
+    """Yields (float images in [0,1], labels, noise) on x's device. `augment`: None, or load()["augment"]. With
+    world > 1 every global batch is split across processes (torch.tensor_split, rank order) and process `rank` gets its
+    part: the permutation, the augmentation and `noise` (the random start of a training attack: "uniform" U(0, 1),
+    "normal" N(0, 1), "ball" a point of the unit L2 ball, or None) are drawn for the global batch from `seed`, from a
+    generator of their own: the data equal those of one process, whatever the step draws. `extra` (attach_extra's)
+    joins extra_per_batch extra images to every global batch of `batch_size` labelled ones, in a permutation drawn
+    from `seed` on the CPU (the same images wherever the set lives); the joined batch is shuffled, so that every
+    process holds the mix of labelled and extra images (as the authors' samplers, for BatchNorm)."""
     g = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
     idx = torch.randperm(len(x), device=x.device, generator=g) if shuffle else torch.arange(len(x), device=x.device)
     nb = min(math.ceil(len(x) / batch_size), max_batches or math.inf)
@@ -320,6 +327,23 @@ def rotate(x, degrees):
 
 
 # ---------------------------------------------------------------- the global batch under torchrun
+
+def start_processes(device="cuda", timeout=600.0):
+    """torchrun: one process per GPU (gloo: per CPU process); returns (processes, this one's rank, its device). The
+    store outlives a restart (--max-restarts): each attempt's keys get a prefix, or a process would read a dead one's.
+    Without torchrun: (1, 0, the device)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the process's own GPU, for NCCL and every allocation
+    if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout)
+        store = next(dist.rendezvous("env://", timeout=timeout))[0]
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    return world, rank, device
+
 
 def gatherer(n, world):
     """gather(t): the concatenation over ranks of t (this rank's share of a global batch of n, as batches() splits
@@ -441,32 +465,22 @@ def _npz_member(path, name, cache_dir):
             return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
         cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{name}.{info.CRC:08x}.npy")
         if not os.path.exists(cache):
+            with z.open(info) as member:
+                header(member)  # numbers only, checked before anything is written
             os.makedirs(cache_dir, exist_ok=True)
             print(f"decompressing {name} of {path} once into {cache} (a memory-mapped copy)")
-            with z.open(info) as member:
-                shape, fortran, dtype = header(member)
-                tmp = f"{cache}.tmp{os.getpid()}"
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran)
-                flat, done = out.reshape(-1, order="A"), 0
-                while done < flat.size:  # in chunks of 16M numbers: a 20M-image file never sits in memory whole
-                    chunk = np.frombuffer(member.read(min(1 << 24, flat.size - done) * dtype.itemsize), dtype=dtype)
-                    flat[done:done + len(chunk)] = chunk
-                    done += len(chunk)
-                out.flush()
-                del out, flat
-            os.replace(tmp, cache)
+            with z.open(info) as member, open(f"{cache}.tmp{os.getpid()}", "wb") as out:
+                shutil.copyfileobj(member, out, 1 << 24)  # 16 MB at a time: a 20M-image file never sits in memory
+            os.replace(f"{cache}.tmp{os.getpid()}", cache)
         return np.load(cache, mmap_mode="r")
 
 
 # ---------------------------------------------------------------- IDBH (Li and Spratling, ICLR 2023), on the device
-# Per image, in this order: horizontal flip (p 1/2), CropShift, one colour/shape operation drawn from a table with a
-# random strength, then (after the conversion to [0, 1]) random erasing. Every parameter is drawn per image for the
-# whole batch at once from the epoch's generator; every operation is computed for the whole batch and each image
-# keeps its own: no Python loop over images, no host sync. Each operation equals torchvision's functional op on a
-# uint8 tensor image at the same strength. The released code runs torchvision's PIL path (its datasets yield PIL
-# images), which rounds differently: saturation and contrast differ by 1/255 on about 13-21 % of the pixels,
-# sharpness on 2-5 %, autocontrast on 0.1-0.2 %, and rotation and the y-shear pick another neighbour on 0.02-0.1 %;
-# through the whole pipeline with the same draws 1.7-3.8 % of the pixels differ, the image statistics agree.
+# Per image: horizontal flip (p 1/2), CropShift, one colour/shape operation drawn from a table with a random strength,
+# random erasing. Every parameter is drawn per image for the whole batch from the epoch's generator, every operation
+# runs on the whole batch and each image keeps its own: no loop over images, no host sync. Each operation equals
+# torchvision's functional op on a uint8 tensor image. The released code runs torchvision's PIL path, which rounds
+# differently: 1.7-3.8 % of the pixels differ through the whole pipeline (nearly all by 1/255; see the README).
 IDBH_VARIANTS = {  # name: (CropShift's strengths {0 .. n-1}, table, erasing probability, erasing's largest area)
     "idbh-cifar10-weak": (11, "colour", 0.5, 0.33),
     "idbh-cifar10-strong": (11, "colour", 1.0, 0.33),
@@ -622,7 +636,7 @@ def idbh(x, variant, g):
     p = idbh_params(B, H, W, variant, g, x.device)
     x = torch.where(_per_image(p["flip"], x), x.flip(-1), x)
     x = crop_shift(x, p["cx"], p["cy"], p["ox1"], p["oy1"], p["ox2"], p["oy2"])
-    out = x
+    out, zero = x, torch.zeros_like(p["shear"])
     for k, op in enumerate(IDBH_OPS):  # every op on the whole batch; each image keeps the one it drew
         if op in COLOUR_RANGES:
             lo, hi = COLOUR_RANGES[op]
@@ -632,11 +646,9 @@ def idbh(x, variant, g):
         elif op == "equalize":
             y = equalize(x)
         elif op == "shear":
-            zero = torch.zeros_like(p["shear"])
             y = affine_nearest(x, zero, torch.where(p["axis_x"], p["shear"], zero),
                                torch.where(p["axis_x"], zero, p["shear"]))
         else:  # torchvision's rotate is affine with the angle negated
-            zero = torch.zeros_like(p["rotate"])
             y = affine_nearest(x, -p["rotate"], zero, zero)
         out = torch.where(_per_image(p["op"] == k, x), y, out)
     return erase(out, *p["erase"])  # value 0: the same before or after the conversion to [0, 1]

@@ -376,7 +376,7 @@ def load_model(path, args, device):
         for key in ("state_dict", "model_state_dict"):  # common wrappers of other projects
             if isinstance(ck, dict) and isinstance(ck.get(key), dict):
                 sd = ck[key]
-        info = dict(num_classes=data.NUM_CLASSES.get(dataset, 10), in_channels=data.CHANNELS.get(dataset, 3))
+        info = dict(zip(("num_classes", "in_channels"), data.classes_and_channels(dataset)))
     model = models.get_model(arch, info["num_classes"], info["in_channels"])
     load_weights(model, sd, path, arch)
     info.update(arch=arch, dataset=dataset, data_dir=data_dir)
@@ -444,6 +444,22 @@ def read_results(json_path, store_path, fp, info):
     return record, store
 
 
+def fgsm(model, x, y, eps=8 / 255, norm="Linf"):
+    """FGSM (Goodfellow et al. 2015): one step of size eps from x (L2: along the normalised gradient)."""
+    return attacks.pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False, norm=norm)
+
+
+def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1, queries=None):
+    """An attack's settings, printed beside every number it produces (PGD and CW: attacks.describe)."""
+    e = attacks.radius(eps, norm)
+    others = {"clean": "clean",
+              "square": f"Square-{queries} ({norm}, eps {e}, on the images every white-box attack at eps left robust)",
+              "aa": f"AutoAttack standard ({norm}, eps {e})",
+              "aa-rand": f"AutoAttack rand ({norm}, eps {e}, APGD-CE and APGD-DLR with EOT over 20 passes)",
+              "fgsm": f"FGSM ({norm}, eps {e}, one step of size eps, no random start)"}
+    return others[name] if name in others else attacks.describe(name, eps, steps, alpha, norm, restarts)
+
+
 def spec(name, args, eps=None, steps=None, alpha=None, restarts=None, queries=None):
     """One attack's settings: eval.py's own at --eps unless told otherwise; the step scales with the radius
     (--alpha * eps / --eps), so that the curve's attacks are the same attack at every radius."""
@@ -455,7 +471,7 @@ def spec(name, args, eps=None, steps=None, alpha=None, restarts=None, queries=No
 
 
 def attack_key(s, n, seed):
-    desc = attacks.describe(s["name"], s["eps"], s["steps"], s["alpha"], s["norm"], s["restarts"], s["queries"])
+    desc = describe(s["name"], s["eps"], s["steps"], s["alpha"], s["norm"], s["restarts"], s["queries"])
     key = f"{desc} | first {n} test images" + ("" if s["name"] == "clean" else f" | seed {seed}")
     return key, desc
 
@@ -468,7 +484,7 @@ def chunk_correct(model, s, xb, yb, args, state=None, save=None, rates=None, att
     if name == "clean":
         return attacks.correct(model, xb, yb, len(xb))
     if name == "fgsm":
-        return attacks.correct(model, xb, yb, len(xb), attack=attacks.fgsm, eps=s["eps"], norm=s["norm"])
+        return attacks.correct(model, xb, yb, len(xb), attack=fgsm, eps=s["eps"], norm=s["norm"])
     if name in ("aa", "aa-rand"):
         return autoattack(model, xb, yb, s["eps"], s["norm"], len(xb), args.seed,
                                   version="standard" if name == "aa" else "rand",
@@ -815,7 +831,7 @@ def main(argv=None):
             curves.append((label, args.norm, curve["radii"],
                            curve["pgd"], curve["cw"], info.get("train_eps")))
             ran.update(curve=curve, checks=found)
-        pgd_name = attacks.describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)
+        pgd_name = describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)
         if args.lowpass:
             torch.manual_seed(args.seed)
             ks = spectral.lowpass_ks(x.shape[-1])
@@ -870,8 +886,8 @@ def main(argv=None):
         print(f"perturbation spectra: {png}")
     if curves and main_rank:
         png = picture_path(json_paths, "curve", args.curve_out)
-        checks.plot_curves(curves, png, names=(attacks.describe("pgd", 1, args.pgd_steps, 1).split(" (")[0],
-                                               attacks.describe("cw", 1, args.cw_steps, 1).split(" (")[0]))
+        checks.plot_curves(curves, png, names=(describe("pgd", 1, args.pgd_steps, 1).split(" (")[0],
+                                               describe("cw", 1, args.cw_steps, 1).split(" (")[0]))
         print(f"robustness curve: {png}")
     return out
 

@@ -14,6 +14,7 @@ Checkpoints: save_checkpoint writes atomically; load_checkpoint reads any file w
 nothing but tensors and plain values is ever unpickled.
 """
 import glob
+import json
 import os
 import pickle
 import zipfile
@@ -224,7 +225,7 @@ def load_checkpoint(path, mmap=False):
     if os.path.getsize(path) == 0:
         raise SystemExit(f"error: {path} is empty (0 bytes), not a torch checkpoint; use an intact copy")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = (str(e).strip().splitlines() or [""])[0]
         if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
@@ -236,3 +237,9 @@ def load_checkpoint(path, mmap=False):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SystemExit(f"error: cannot read {path}: the file is truncated or not a torch checkpoint "
                          f"({first[:100]}); use an intact copy") from None
+    log = os.path.join(os.path.dirname(path), "log.jsonl")
+    if isinstance(ck, dict) and ck.get("format") == CKPT_FORMAT and "optimizer" in ck and "log" not in ck and \
+            os.path.exists(log):
+        with open(log) as f:  # a last.pt written before the log moved into it: its records are in log.jsonl alone
+            ck["log"] = [json.loads(s) for s in f if s.strip()][:ck["epoch"]]
+    return ck

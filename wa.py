@@ -10,13 +10,13 @@ swa  the SAR paper's WA: an equal running average of the end-of-epoch weights fr
 ema  Gowal et al. 2020 / Rebuffi et al. 2021: after every optimiser step avg <- d * avg + (1 - d) * w with
      d = 0.999 (with --wa-warmup: d_t = min(d, (1 + t) / (10 + t)), t = updates so far); BatchNorm buffers too.
 The method files call AveragedModel's own update_parameters (EMA: after every optimiser step; SWA: at the end of
-each epoch from the first milestone, then torch.optim.swa_utils.update_bn) and save avg.module.state_dict() (no
-`module.` prefix, no n_averaged) with n_averaged beside it.
+each epoch from the first milestone, then update_bn below) and save avg.module.state_dict() (no `module.` prefix, no
+n_averaged) with n_averaged beside it.
 """
 import math
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim import swa_utils
 
 import attacks
 import data
@@ -26,7 +26,7 @@ def averaged(model, mode, decay=0.999, warmup=False):
     """The weight average of `model`: swa (equal average of the parameters; BatchNorm buffers left to update_bn) or
     ema (decay d, optionally warmed up as min(d, (1 + t) / (10 + t)); BatchNorm buffers averaged too)."""
     if mode == "swa":
-        return AveragedModel(model)
+        return swa_utils.AveragedModel(model)
 
     @torch.no_grad()
     def warmed_up(avg_params, params, n):
@@ -36,8 +36,8 @@ def averaged(model, mode, decay=0.999, warmup=False):
                 a.lerp_(p, (1 - d).to(a.dtype))
             else:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
                 a.copy_(p)
-    fn = warmed_up if warmup else get_ema_multi_avg_fn(decay)
-    return AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
+    fn = warmed_up if warmup else swa_utils.get_ema_multi_avg_fn(decay)
+    return swa_utils.AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
 
 
 def describe(mode, decay, warmup, start, bn):
@@ -46,22 +46,26 @@ def describe(mode, decay, warmup, start, bn):
         return "off"
     if mode == "swa":
         after = ", the first after an lr decay" if start else ""
-        return f"swa (equal average of the end-of-epoch weights from epoch {start + 1}{after}; BatchNorm recomputed on " \
-            f"{bn} images)"
+        return (f"swa (equal average of the end-of-epoch weights from epoch {start + 1}{after}; BatchNorm recomputed "
+                f"on {bn} images)")
     return f"ema (decay {decay:g} after every step{', warmed up' if warmup else ''})"
 
 
-def bn_batches(ds, model, n, memory_format, rank=0, world=1, attack=None):
-    """SWA's BatchNorm pass: batches of 512 training images (crop + flip; 512 keeps the pass a few large batches),
-    n in all (what an epoch trains on). `attack` (eps, alpha, steps, norm): PGD examples of them instead (random
-    start) crafted against `model` in eval mode, the statistics a model trained on adversarial batches only (PGD-AT)
-    was trained with. world > 1 (--sync-bn): this process passes its share of every batch."""
+def update_bn(avg, ds, model, n, memory_format, rank=0, world=1, attack=None):
+    """SWA's BatchNorm pass, torch's update_bn over n training images (what an epoch trains on) in batches of 512
+    (crop + flip; 512 keeps the pass a few large batches). `attack` (eps, alpha, steps, norm): PGD examples of them
+    instead (random start) crafted against `model` in eval mode, the statistics a model trained on adversarial batches
+    only (PGD-AT) was trained with. world > 1 (--sync-bn): this process passes its share of every batch."""
     attack = attack if attack and attack[0] > 0 else None
     noise = None if attack is None else "uniform" if attack[3] == "Linf" else "ball"
-    for x, y, z in data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], rank=rank,
-                                world=world, max_batches=math.ceil(n / 512), memory_format=memory_format, noise=noise):
-        if attack is not None:
-            eps, alpha, steps, norm = attack
-            with attacks.frozen(model), torch.enable_grad():  # the pass itself runs under no_grad
-                x = attacks.pgd(model, x, y, eps, alpha, steps, random_start=True, norm=norm, noise=z)
-        yield x, y
+
+    def batches():
+        for x, y, z in data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], rank=rank,
+                                    world=world, max_batches=math.ceil(n / 512), memory_format=memory_format,
+                                    noise=noise):
+            if attack is not None:
+                eps, alpha, steps, norm = attack
+                with attacks.frozen(model), torch.enable_grad():  # update_bn runs under no_grad
+                    x = attacks.pgd(model, x, y, eps, alpha, steps, random_start=True, norm=norm, noise=z)
+            yield x, y
+    swa_utils.update_bn(batches(), avg.module)
