@@ -329,12 +329,13 @@ def rotate(x, degrees):
 # ---------------------------------------------------------------- the global batch under torchrun
 
 def start_processes(device="cuda", timeout=600.0):
-    """torchrun: one process per GPU (gloo: per CPU process); returns (processes, this one's rank, its device). The
-    store outlives a restart (--max-restarts): each attempt's keys get a prefix, or a process would read a dead one's.
-    Without torchrun: (1, 0, the device)."""
+    """torchrun: one process per GPU (gloo: per CPU process); returns (processes, this one's rank, its device), a CUDA
+    device being the process's own, cuda:LOCAL_RANK. The store outlives a restart (--max-restarts): each attempt's keys
+    get a prefix, or a process would read a dead one's. Without torchrun: (1, 0, the device; "cuda" is cuda:0)."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else "cpu")
+    device = torch.device(device)
     if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if world > 1 else device.index or 0)
         torch.cuda.set_device(device)  # the process's own GPU, for NCCL and every allocation
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout)

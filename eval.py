@@ -30,7 +30,6 @@ hold them). A picture of one checkpoint goes beside its results, of several in t
 run folders in the report folder beside them (report.py's); --curve-out / --spectrum-out choose.
 """
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -745,20 +744,12 @@ def robustbench_claim(record, info, args, n, requirements):
 
 def main(argv=None):
     base = args = get_args(argv)
-    device = torch.device(args.device)
     # torchrun: every process evaluates its share of each attack's chunks (a round of one chunk per process at a
     # time); one process reads and writes the results, one prints
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world, rank, device = data.start_processes(args.device, args.timeout)
     main_rank = rank == 0
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=args.timeout))
-        if not main_rank:
-            sys.stdout = open(os.devnull, "w")
+    if not main_rank:
+        sys.stdout = open(os.devnull, "w")
     put = write_json if main_rank else (lambda obj, path: None)  # results are written by one process
     out, spectra, curves, json_paths = {}, [], [], []
     args.checkpoints = [run_folder_checkpoint(p) for p in args.checkpoints]
