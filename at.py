@@ -5,12 +5,13 @@ with the recipe of Rice, Wong, Kolter, "Overfitting in adversarially robust deep
 
     min_theta  E_(x,y) [ max_{||x' - x||_inf <= eps}  CE(f_theta(x'), y) ]
 
-the inner max approximated by PGD-10 (eps 8/255, step 2/255, random start) with the network in train mode.
-PreActResNet-18, SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs; best.pt is chosen by PGD-10
-accuracy on a held-out split of the training set (Rice et al.'s early stopping against robust overfitting). As their
-train_cifar.py, the lr is set before every step from t = epoch + (i + 1) / batches: x0.1 once t reaches 100 and 150,
-so the last step of epochs 100 and 150 (1-based) already runs at the lower lr. Their CIFAR-100 script also rotates the
-images by up to 15 degrees: --rotate 15. --eps 0 is natural training (best.pt is then chosen on clean accuracy).
+the inner max approximated by PGD-10 (eps 8/255, step 2/255, random start) with the network in train mode. Rice et
+al.'s PreActResNet-18 (their WRN-34-10 rows: --arch wrn34_10), SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128,
+200 epochs; best.pt is chosen by PGD-10 accuracy on a held-out split of the training set (Rice et al.'s early stopping
+against robust overfitting). As their train_cifar.py, the lr is set before every step from t = epoch + (i + 1) /
+batches: x0.1 once t reaches 100 and 150, so the last step of epochs 100 and 150 (1-based) already runs at the lower
+lr. Their CIFAR-100 script also rotates the images by up to 15 degrees: --rotate 15. --eps 0 is natural training
+(best.pt is then chosen on clean accuracy).
 
     python at.py                                   # PreActResNet-18, CIFAR-10, the paper's setting
     python at.py --dataset cifar100 --wa --amp     # + EMA weight averaging, bf16 autocast
@@ -103,7 +104,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset))
+    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset), dataset=args.dataset)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         require(device.type == "cuda" or not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),

@@ -5,6 +5,7 @@
     python bench.py --methods at sar iseat trades mart --archs preact_resnet18
     python bench.py --peak-tflops 989     # the dense bf16 peak of a GPU the table below does not know
     python bench.py --quick               # the tiny configuration (cnn, 2 batches of 32), what a CPU runs
+    python bench.py --networks            # every network's parameters and forward GFLOPs per 32-px image
 
 Each configuration runs `python METHOD.py --bench ...` (2 epochs of --max-batches batches of synthetic CIFAR-shaped
 data; the second epoch is timed, so cudnn autotuning and compilation are not counted) in a process of its own, so
@@ -44,11 +45,22 @@ PASSES = {"at": 23, "sar": 26, "trades": 27, "mart": 26, "iseat": 29}
 
 @functools.lru_cache(maxsize=None)
 def gflop_per_image(arch, size=32, channels=3):
-    """The network's forward GFLOP for one image, counted by torch.utils.flop_counter."""
+    """The network's forward GFLOP for one image, counted by torch.utils.flop_counter on the meta device (shapes
+    only: no weights are drawn, nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as flops, torch.no_grad():
+    with FlopCounterMode(display=False) as flops, torch.no_grad(), torch.device("meta"):
         models.get_model(arch, 10, channels).eval()(torch.rand(2, channels, size, size))
     return flops.get_total_flops() / 2 / 1e9
+
+
+def networks_table():
+    """Every network of models.py: parameters at 10 classes and forward GFLOPs per 32-px 3-channel image."""
+    lines = ["| `--arch` | parameters (10 classes) | GFLOPs per 32-px image |", "|---|---|---|"]
+    for arch in models.ARCHS:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in models.get_model(arch, 10).parameters())
+        lines.append(f"| `{arch}` | {n:,} | {gflop_per_image(arch):.3g} |")
+    return "\n".join(lines)
 
 
 def get_args(argv=None):
@@ -57,7 +69,9 @@ def get_args(argv=None):
     p.add_argument("--quick", action="store_true", default=not cuda,
                    help="the tiny configuration (cnn, batch 32, 2 batches); the default without a GPU")
     p.add_argument("--methods", nargs="+", default=None, help="default at sar iseat (quick: + trades mart)")
-    p.add_argument("--archs", nargs="+", default=None, help="default preact_resnet18 wrn34_10 (quick: cnn)")
+    p.add_argument("--archs", nargs="+", default=None, choices=models.ARCHS,
+                   help="default preact_resnet18 wrn34_10 (quick: cnn)")
+    p.add_argument("--networks", action="store_true", help="print every network's parameters and GFLOPs, and stop")
     p.add_argument("--modes", nargs="+", default=None, choices=MODES,
                    help="default all three (quick: fp32; a CPU has no fast bf16)")
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 32)")
@@ -161,6 +175,10 @@ def markdown(res, args, device_name, peak):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.networks:
+        table = networks_table()
+        print(table)
+        return table
     t_start = time.time()
     device_name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     peak, peak_key = peak_of(device_name, args.peak_tflops)

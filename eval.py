@@ -4,6 +4,9 @@ those numbers can be trusted (--checks: gradient masking; --curve: accuracy agai
     python eval.py runs/at-cifar10-preact_resnet18/best.pt
     python eval.py last.pt --weights wa --attacks clean pgd aa --n-examples 1000
     python eval.py trades_wrn.pt --arch wrn34_10 --dataset cifar10          # a bare state dict
+    python eval.py iseat.pth --arch wrn34_10_iseat --dataset cifar10         # ISEAT's release: {'state_dict': ...}
+    python eval.py dm.pt --arch wrn28_10_silu --dataset cifar10              # DM-Improves-AT's ({'model_state_dict':
+                                                                             # ...}, module.0. keys) or RobustBench's
 
 The model is in eval() mode with frozen parameters for every attack, in fp32. Every number is printed with its
 attack's settings. Nothing computed is lost:
@@ -291,13 +294,16 @@ def external_model(spec):
 
 def clean_state_dict(sd):
     """Accepts what other code saves: DataParallel/DDP `module.` and torch.compile `_orig_mod.` prefixes,
-    AveragedModel's `n_averaged`, and the unused `sub_block1` of TRADES WideResNet checkpoints."""
+    DM-Improves-AT's `module.0.` (its network inside an nn.Sequential), AveragedModel's `n_averaged`, and the unused
+    `sub_block1` of TRADES WideResNet checkpoints."""
     out = {}
     for k, v in sd.items():
         while k.startswith(("module.", "_orig_mod.")):
             k = k.split(".", 1)[1]
         if k != "n_averaged" and not k.startswith("sub_block1."):
             out[k] = v
+    if out and all(k.startswith("0.") for k in out):  # nn.Sequential(network): every key under its one child
+        out = {k[2:]: v for k, v in out.items()}
     return out
 
 
@@ -376,7 +382,7 @@ def load_model(path, args, device):
             if isinstance(ck, dict) and isinstance(ck.get(key), dict):
                 sd = ck[key]
         info = dict(zip(("num_classes", "in_channels"), data.classes_and_channels(dataset)))
-    model = models.get_model(arch, info["num_classes"], info["in_channels"])
+    model = models.get_model(arch, info["num_classes"], info["in_channels"], dataset=dataset)
     load_weights(model, sd, path, arch)
     info.update(arch=arch, dataset=dataset, data_dir=data_dir)
     model = Normalized(model, args.mean, args.std) if args.mean else model
@@ -715,8 +721,10 @@ def for_checkpoint(base, info):
 
 
 RB_BOARDS = {("cifar10", "Linf"): "8/255", ("cifar10", "L2"): "0.5", ("cifar100", "Linf"): "8/255"}  # and ImageNet
-ARCH_NAMES = {"preact_resnet18": "PreActResNet-18", "resnet18": "ResNet-18", "wrn34_10": "WideResNet-34-10",
-              "wrn28_10": "WideResNet-28-10", "cnn": "small CNN"}
+ARCH_NAMES = {"preact_resnet18": "PreActResNet-18", "preact_resnet18_iseat": "PreActResNet-18", "resnet18": "ResNet-18",
+              "wrn34_10": "WideResNet-34-10", "wrn28_10": "WideResNet-28-10", "wrn34_10_iseat": "WideResNet-34-10",
+              "wrn28_10_iseat": "WideResNet-28-10", "wrn28_10_silu": "WideResNet-28-10", "wrn70_16_silu":
+              "WideResNet-70-16", "cnn": "small CNN"}  # as the boards name them (the SiLU networks' entries too)
 
 
 def robustbench_claim(record, info, args, n, requirements):

@@ -19,11 +19,13 @@ Where the code differs in form, not in result, from the authors': the forward at
 (torch.func.functional_call), so the clean forward at theta serves as the unperturbed branch (no model copy per batch,
 no third forward); the proxy's forward is the network's own at theta with copies of the BatchNorm statistics, and
 d_l = eta * grad_l CE. Under torchrun the ranks and the proxy's gradient are the global batch's.
-Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is AT-AWP with ISEAT's gamma, and
---lam 0 --awp-gamma 0.01 --random-start is AT-AWP as Wu et al. ran it.
+The paper's networks are the authors' own: PreActResNet-18 (--arch preact_resnet18_iseat), WRN-34-10
+(wrn34_10_iseat) and, with 500K extra images, WRN-28-10 (wrn28_10_iseat); see models.py for how they differ from
+Rice et al.'s and the TRADES layout. Ablations: --awp-gamma 0 --lam 0 is PGD-AT without random start; --lam 0 is
+AT-AWP with ISEAT's gamma, and --lam 0 --awp-gamma 0.01 --random-start is AT-AWP as Wu et al. ran it.
 
     python iseat.py                              # PreActResNet-18, CIFAR-10, 200 epochs, lr x0.1 at 100 and 150
-    python iseat.py --arch wrn34_10              # the authors' README configuration
+    python iseat.py --arch wrn34_10_iseat        # the authors' README configuration, on their own WideResNet
     torchrun --nproc_per_node=4 iseat.py --amp   # 4 GPUs (ranks and AWP direction of the global batch)
 
 Below: the method, its flags, main, then the plumbing. The "shared run code" is the same in every method file (a test
@@ -197,7 +199,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset))
+    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset), dataset=args.dataset)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         require(device.type == "cuda" or not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),

@@ -23,6 +23,8 @@ the same thresholds: --released --arch resnet18 --lr 0.01 --wd 3.5e-3 --epochs 1
 networks may need the smaller lr: at lr 0.1 the small CNN collapsed to a constant prediction in its first epoch on
 Fashion-MNIST, and trained normally at --lr 0.01.
 
+The paper's networks are WRN-34-10 in the TRADES layout (--arch wrn34_10) and ResNet-18 (--arch resnet18).
+
     python mart.py                                 # PreActResNet-18, CIFAR-10
     python mart.py --arch wrn34_10 --released      # the released WideResNet script's settings
 
@@ -167,7 +169,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset))
+    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset), dataset=args.dataset)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         require(device.type == "cuda" or not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),

@@ -3,21 +3,36 @@
 Every model takes images in [0, 1] (no mean/std normalisation: eps is in pixel units) with `in_channels` channels
 (3, or 1 for MNIST and Fashion-MNIST) of any size, and ends with adaptive average pooling, so 28-px MNIST, 32-px
 CIFAR and 64-px Tiny ImageNet use the same model.
-Parameter names follow the published checkpoints of each architecture, so their weights load as is:
-  preact_resnet18  Rice et al. 2020 / Wong et al. 2020 (conv1, layer1..4, bn, linear)
-  resnet18         the common CIFAR ResNet-18 (conv1, bn1, layer1..4, shortcut, linear)
-  wrn34_10/28_10   the TRADES / AWP WideResNet (conv1, block1..3, bn1, fc); eval.py drops the unused `sub_block1`
-                   of TRADES checkpoints on load
-  cnn              a small CNN for CPU runs and tests (43k parameters; 88.2% on Fashion-MNIST after 3 natural
-                   epochs on a CPU, 90.0% after 5)
+Parameter names follow the published checkpoints of each architecture, so their weights load as is (after a
+DataParallel `module.` or DM-Improves-AT's `module.0.` prefix is stripped, as eval.py does):
+  preact_resnet18        Rice et al. 2020 / Wong et al. 2020 (conv1, layer1..4, bn, linear)
+  preact_resnet18_iseat  ISEAT's (Li and Spratling 2023): the same keys; a downsampling block's 1x1 shortcut
+                         convolves the block's raw input, not the pre-activated one
+  resnet18               the common CIFAR ResNet-18 (conv1, bn1, layer1..4, shortcut, linear)
+  wrn34_10/28_10         the TRADES / AWP WideResNet (conv1, block1..3, bn1, fc): stride on a block's first conv,
+                         the shortcut from the pre-activated input; eval.py drops the unused `sub_block1` of TRADES
+                         checkpoints on load
+  wrn34_10_iseat/28_10   ISEAT's WideResNet (conv1, layer1..3.blockI, bn1, fc0): stride on a block's second conv,
+                         the shortcut from the block's raw input
+  wrn28_10_silu/70_16    the SiLU WideResNet of Gowal et al. 2020 / Rebuffi et al. 2021 / Wang et al. 2023
+                         (DM-Improves-AT, RobustBench's DMWideResNet; init_conv, layer.G.block.I, batchnorm, logits):
+                         (x - mean) / std inside the network with the data set's constants (not in the state dict),
+                         BatchNorm momentum 0.01, TensorFlow's "same" padding of the strided convs
+  cnn                    a small CNN for CPU runs and tests (43k parameters; 88.2% on Fashion-MNIST after 3 natural
+                         epochs on a CPU, 90.0% after 5)
+Each released network pools with a fixed window that covers its 32-px map exactly; here the pooling is adaptive, the
+same function at 32 px and any other size too.
 Checkpoints: save_checkpoint writes atomically; load_checkpoint reads any file with torch.load(weights_only=True), so
 nothing but tensors and plain values is ever unpickled.
 """
+import functools
 import glob
 import json
+import math
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -27,8 +42,9 @@ CKPT_FORMAT = "advtrain-checkpoint-v1"  # what the training scripts write into e
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_planes, planes, stride=1):
+    def __init__(self, in_planes, planes, stride=1, raw_shortcut=False):
         super().__init__()
+        self.raw_shortcut = raw_shortcut  # ISEAT's: the 1x1 shortcut convolves x, not relu(bn1(x)) as Rice et al.'s
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -38,7 +54,7 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        shortcut = self.shortcut(x if self.raw_shortcut else out) if hasattr(self, "shortcut") else x
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
@@ -63,11 +79,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 (preact=False: the common CIFAR ResNet-18; preact=True: PreActResNet-18)."""
+    """ResNet-18 (preact=False: the common CIFAR ResNet-18; preact=True: PreActResNet-18, with raw_shortcut=True
+    ISEAT's)."""
 
-    def __init__(self, num_classes=10, preact=False, in_channels=3):
+    def __init__(self, num_classes=10, preact=False, in_channels=3, raw_shortcut=False):
         super().__init__()
-        block = PreActBlock if preact else BasicBlock
+        block = functools.partial(PreActBlock, raw_shortcut=raw_shortcut) if preact else BasicBlock
         self.preact = preact
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)  # 3x3 stem, no max-pool (CIFAR)
@@ -152,6 +169,107 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class IseatWideBlock(nn.Module):
+    """ISEAT's WideResNet block: BN-ReLU-conv1 (3x3, stride 1), BN-ReLU-conv2 (3x3, the block's stride), plus the
+    block's raw input x, or its 1x1 convolution where the shape changes."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + (self.shortcut(x) if hasattr(self, "shortcut") else x)
+
+
+class IseatWideResNet(nn.Module):
+    """ISEAT's WideResNet-depth-widen (TreeLLi/ISEAT src/model/wide_resnet.py): ReLU, PyTorch's default init."""
+
+    def __init__(self, depth=34, widen=10, num_classes=10, in_channels=3):
+        super().__init__()
+        n, w = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        for g, stride in enumerate((1, 2, 2)):  # layerG.blockI: the released key names
+            blocks = [(f"block{i}", IseatWideBlock(w[g] if i == 0 else w[g + 1], w[g + 1], stride if i == 0 else 1))
+                      for i in range(n)]
+            setattr(self, f"layer{g + 1}", nn.Sequential(OrderedDict(blocks)))
+        self.bn1 = nn.BatchNorm2d(w[3])
+        self.fc0 = nn.Linear(w[3], num_classes)
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        out = F.relu(self.bn1(out))
+        return self.fc0(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class SiluWideBlock(nn.Module):
+    """DM-Improves-AT's block: conv_0 (3x3, the block's stride) of a = SiLU(batchnorm_0(x)), TensorFlow's "same"
+    padding (stride 2: one row and column of zeros at the bottom and right only), then BN-SiLU-conv_1 (3x3); plus x,
+    or the 1x1 convolution of a where the width changes."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.stride = stride
+        self.batchnorm_0 = nn.BatchNorm2d(in_planes, momentum=0.01)
+        self.conv_0 = nn.Conv2d(in_planes, planes, 3, stride, padding=1 if stride == 1 else 0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(planes, momentum=0.01)
+        self.conv_1 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if in_planes != planes else None
+
+    def forward(self, x):
+        a = F.silu(self.batchnorm_0(x))
+        out = self.conv_0(a if self.stride == 1 else F.pad(a, (0, 1, 0, 1)))
+        out = self.conv_1(F.silu(self.batchnorm_1(out)))
+        return out + (x if self.shortcut is None else self.shortcut(a))
+
+
+# The mean and std the SiLU WideResNet subtracts and divides by inside, as released for each data set. Any other
+# data set gets CIFAR-10's (as DM-Improves-AT's factory gives it), their channel average for 1-channel images.
+SILU_NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+class SiluWideResNet(nn.Module):
+    """The SiLU WideResNet-depth-widen of Gowal et al. 2020, Rebuffi et al. 2021 and Wang et al. 2023
+    (DM-Improves-AT core/models/wideresnetwithswish.py; RobustBench's DMWideResNet computes the same function)."""
+
+    def __init__(self, depth=28, widen=10, num_classes=10, in_channels=3, dataset=None):
+        super().__init__()
+        mean, std = (torch.tensor(v) for v in SILU_NORMALISATION.get(dataset, SILU_NORMALISATION["cifar10"]))
+        if in_channels != 3:
+            mean, std = mean.mean().expand(in_channels), std.mean().expand(in_channels)
+        # buffers that are not in the state dict (as released): they follow .to(device) and .double()
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).clone(), persistent=False)
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).clone(), persistent=False)
+        n, w = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.init_conv = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
+        self.layer = nn.Sequential(*[  # layer.G.block.I: the released key names
+            nn.Sequential(OrderedDict(block=nn.Sequential(*[
+                SiluWideBlock(w[g] if i == 0 else w[g + 1], w[g + 1], stride if i == 0 else 1) for i in range(n)])))
+            for g, stride in enumerate((1, 2, 2))])
+        self.batchnorm = nn.BatchNorm2d(w[3], momentum=0.01)
+        self.logits = nn.Linear(w[3], num_classes)
+        for m in self.modules():  # the released initialisation (BatchNorm's 1 and 0 are PyTorch's own)
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, math.sqrt(2 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        out = self.layer(self.init_conv((x - self.mean) / self.std))
+        out = F.silu(self.batchnorm(out))
+        return self.logits(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
 class SmallCNN(nn.Module):
     """Four 3x3 conv layers with BatchNorm (16, 32 stride 2, 32, 64 stride 2), average pooling to a 4x4 grid and a
     linear layer. The 4x4 grid keeps the coarse layout that a global average would lose (it tells a shirt from a
@@ -177,19 +295,26 @@ class SmallCNN(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 4).flatten(1))
 
 
-ARCHS = {  # name: (classes, input channels) -> network
-    "preact_resnet18": lambda n, c: ResNet18(n, preact=True, in_channels=c),
-    "resnet18": lambda n, c: ResNet18(n, preact=False, in_channels=c),
-    "wrn34_10": lambda n, c: WideResNet(34, 10, n, c),
-    "wrn28_10": lambda n, c: WideResNet(28, 10, n, c),
-    "cnn": lambda n, c: SmallCNN(n, c),
+ARCHS = {  # name: (classes, input channels, data set) -> network
+    "preact_resnet18": lambda n, c, d: ResNet18(n, preact=True, in_channels=c),
+    "preact_resnet18_iseat": lambda n, c, d: ResNet18(n, preact=True, in_channels=c, raw_shortcut=True),
+    "resnet18": lambda n, c, d: ResNet18(n, preact=False, in_channels=c),
+    "wrn34_10": lambda n, c, d: WideResNet(34, 10, n, c),
+    "wrn28_10": lambda n, c, d: WideResNet(28, 10, n, c),
+    "wrn34_10_iseat": lambda n, c, d: IseatWideResNet(34, 10, n, c),
+    "wrn28_10_iseat": lambda n, c, d: IseatWideResNet(28, 10, n, c),
+    "wrn28_10_silu": lambda n, c, d: SiluWideResNet(28, 10, n, c, d),
+    "wrn70_16_silu": lambda n, c, d: SiluWideResNet(70, 16, n, c, d),
+    "cnn": lambda n, c, d: SmallCNN(n, c),
 }
 
 
-def get_model(arch, num_classes, in_channels=3):
+def get_model(arch, num_classes, in_channels=3, dataset=None):
+    """The network `arch` for `num_classes` classes and `in_channels`-channel images; `dataset` names the data set
+    whose normalisation constants the SiLU WideResNets hold (the others ignore it)."""
     if arch not in ARCHS:
         raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    return ARCHS[arch](num_classes, in_channels)
+    return ARCHS[arch](num_classes, in_channels, dataset)
 
 
 def atomic_write(path, write, mode="wb"):

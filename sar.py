@@ -21,7 +21,8 @@ lambda, by about 1.4; --sar-fft class has no batch axis and is about sqrt(B) tim
 The term is computed over the global batch under torchrun (the logits of every process are gathered), so it does not
 depend on the number of processes.
 Schedule of the paper: 100 epochs, lr x0.1 at 75 and 90, 5,000 validation images; the paper's network is
-WRN-34-10 (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --wa (SWA from the first milestone).
+WRN-34-10 in the TRADES layout (--arch wrn34_10), PreActResNet-18 is the default here. SAR+WA uses --wa (SWA from
+the first milestone).
 --sar-lambda 0 is the SAR authors' own AT baseline (eval-mode attack, this schedule); with --wa it is their AT+SWA,
 for which --wa-bn adversarial matters (its training forwards then see only adversarial batches: see wa.py).
 
@@ -157,7 +158,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset))
+    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset), dataset=args.dataset)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         require(device.type == "cuda" or not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),

@@ -512,21 +512,22 @@ def test_tiny_imagenet_layout_is_read_and_cached(tmp_path):
 # ---------------------------------------------------------------- models
 
 def test_models_shapes_names_and_sizes():
-    counts = {"preact_resnet18": 11_172_170, "resnet18": 11_173_962, "wrn34_10": 46_160_474}
+    counts = {"preact_resnet18": 11_172_170, "resnet18": 11_173_962, "wrn34_10": 46_160_474,  # the released counts
+              "preact_resnet18_iseat": 11_172_170, "wrn34_10_iseat": 46_160_474, "wrn28_10_iseat": 36_479_194,
+              "wrn28_10_silu": 36_479_194, "wrn70_16_silu": 266_796_506}
     for arch in models.ARCHS:
         m = models.get_model(arch, 10).eval()
         if arch in counts:
             assert sum(p.numel() for p in m.parameters()) == counts[arch], arch
-        with torch.no_grad():
-            for size in (32, 64):
-                if arch.startswith("wrn") and size == 64:
-                    continue  # slow on a CPU; global pooling makes it size-agnostic like the others
-                assert m(torch.rand(2, 3, size, size)).shape == (2, 10)
-        # grey 28-px images (MNIST, Fashion-MNIST): one input channel, any size
-        m1 = models.get_model(arch, 10, in_channels=1).eval()
-        with torch.no_grad():
-            assert m1(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-        assert m1.conv1.weight.shape[1] == 1
+        # 3-channel 32- and 64-px images, grey 28-px ones (MNIST, Fashion-MNIST): computed for the small networks,
+        # shapes on the meta device for the WideResNets (the same code path, no arithmetic)
+        small = not arch.startswith("wrn")
+        for c, size in ((3, 32), (3, 64), (1, 28)):
+            m = models.get_model(arch, 10, in_channels=c, dataset="fashion_mnist" if c == 1 else None).eval()
+            m = m if small else m.to("meta")
+            with torch.no_grad():
+                assert m(torch.rand(2, c, size, size, device="cpu" if small else "meta")).shape == (2, 10), arch
+            assert next(m.parameters()).shape[1] == c
     keys = models.get_model("resnet18", 10).state_dict().keys()
     for k in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer2.0.shortcut.0.weight",
               "layer2.0.shortcut.1.running_mean", "layer4.1.bn2.bias", "linear.weight"):
@@ -537,6 +538,247 @@ def test_models_shapes_names_and_sizes():
     assert "bn.weight" in models.get_model("preact_resnet18", 100).state_dict()
     with pytest.raises(SystemExit, match="unknown arch 'resnet50'"):
         models.get_model("resnet50", 10)
+
+
+# The authors' networks, computed by hand from the released files' description: functional ops on the state dict's
+# tensors, every padding written out, BatchNorm's statistics by hand. Not the models' code path.
+
+def bn_by_hand(sd, name, x, train, momentum, stats):
+    if train:  # batch statistics; the running ones move by `momentum`, with the unbiased variance
+        mean, var, n = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False), x.numel() / x.shape[1]
+        stats[name + ".running_mean"] = (1 - momentum) * sd[name + ".running_mean"] + momentum * mean
+        stats[name + ".running_var"] = (1 - momentum) * sd[name + ".running_var"] + momentum * var * n / (n - 1)
+    else:
+        mean, var = sd[name + ".running_mean"], sd[name + ".running_var"]
+    v = lambda t: t[None, :, None, None]  # noqa: E731
+    return (x - v(mean)) / torch.sqrt(v(var) + 1e-5) * v(sd[name + ".weight"]) + v(sd[name + ".bias"])
+
+
+def conv_by_hand(sd, name, x, stride, pad):
+    return F.conv2d(F.pad(x, pad), sd[name + ".weight"], stride=stride)
+
+
+def head_by_hand(out, sd, fc):
+    return out.mean((2, 3)) @ sd[fc + ".weight"].T + sd[fc + ".bias"]
+
+
+def preact_resnet18_by_hand(sd, x, train, stats, raw_shortcut):
+    """Rice et al.'s PreActResNet-18, or ISEAT's (raw_shortcut: the downsampling 1x1 shortcut convolves the raw x)."""
+    bn = lambda n, t: bn_by_hand(sd, n, t, train, 0.1, stats)  # noqa: E731
+    h = conv_by_hand(sd, "conv1", x, 1, (1, 1, 1, 1))
+    for layer in (1, 2, 3, 4):
+        for j in (0, 1):
+            p, s = f"layer{layer}.{j}.", 2 if layer > 1 and j == 0 else 1
+            a = F.relu(bn(p + "bn1", h))
+            short = conv_by_hand(sd, p + "shortcut.0", h if raw_shortcut else a, s, (0,) * 4) \
+                if p + "shortcut.0.weight" in sd else h
+            o = conv_by_hand(sd, p + "conv1", a, s, (1, 1, 1, 1))
+            h = conv_by_hand(sd, p + "conv2", F.relu(bn(p + "bn2", o)), 1, (1, 1, 1, 1)) + short
+    return head_by_hand(F.relu(bn("bn", h)), sd, "linear")
+
+
+def iseat_wrn_by_hand(sd, x, train, stats, depth):
+    """ISEAT's WideResNet: conv1 stride 1, conv2 the block's stride, the shortcut from the raw x; fc0."""
+    bn = lambda n, t: bn_by_hand(sd, n, t, train, 0.1, stats)  # noqa: E731
+    h = conv_by_hand(sd, "conv1", x, 1, (1, 1, 1, 1))
+    for g, stride in ((1, 1), (2, 2), (3, 2)):
+        for i in range((depth - 4) // 6):
+            p, s = f"layer{g}.block{i}.", stride if i == 0 else 1
+            o = conv_by_hand(sd, p + "conv1", F.relu(bn(p + "bn1", h)), 1, (1, 1, 1, 1))
+            o = conv_by_hand(sd, p + "conv2", F.relu(bn(p + "bn2", o)), s, (1, 1, 1, 1))
+            h = o + (conv_by_hand(sd, p + "shortcut.0", h, s, (0,) * 4) if p + "shortcut.0.weight" in sd else h)
+    return head_by_hand(F.relu(bn("bn1", h)), sd, "fc0")
+
+
+def silu_wrn_by_hand(sd, x, train, stats, depth, mean, std):
+    """DM-Improves-AT's WideResNet: (x - mean) / std, SiLU, BatchNorm momentum 0.01, "same" padding of the strided
+    convs (0 left/top, 1 right/bottom), the shortcut from the activated input where the width changes; logits."""
+    bn = lambda n, t: bn_by_hand(sd, n, t, train, 0.01, stats)  # noqa: E731
+    # the constants are float32 tensors, as released (not buffers there: .double() leaves them float32)
+    x = (x - torch.tensor(mean).reshape(1, -1, 1, 1)) / torch.tensor(std).reshape(1, -1, 1, 1)
+    h = conv_by_hand(sd, "init_conv", x, 1, (1, 1, 1, 1))
+    for g, stride in ((0, 1), (1, 2), (2, 2)):
+        for i in range((depth - 4) // 6):
+            p, s = f"layer.{g}.block.{i}.", stride if i == 0 else 1
+            a = F.silu(bn(p + "batchnorm_0", h))
+            o = conv_by_hand(sd, p + "conv_0", a, s, (1, 1, 1, 1) if s == 1 else (0, 1, 0, 1))
+            o = conv_by_hand(sd, p + "conv_1", F.silu(bn(p + "batchnorm_1", o)), 1, (1, 1, 1, 1))
+            h = o + (conv_by_hand(sd, p + "shortcut", a, s, (0,) * 4) if p + "shortcut.weight" in sd else h)
+    return head_by_hand(F.silu(bn("batchnorm", h)), sd, "logits")
+
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+AUTHORS_NETWORKS = {  # arch: (the slow reference, data set, classes, channels, image size)
+    "preact_resnet18": (lambda sd, x, t, st: preact_resnet18_by_hand(sd, x, t, st, False), None, 10, 3, 16),
+    "preact_resnet18_iseat": (lambda sd, x, t, st: preact_resnet18_by_hand(sd, x, t, st, True), None, 10, 3, 16),
+    "wrn34_10_iseat": (lambda sd, x, t, st: iseat_wrn_by_hand(sd, x, t, st, 34), None, 10, 3, 8),
+    "wrn28_10_iseat": (lambda sd, x, t, st: iseat_wrn_by_hand(sd, x, t, st, 28), None, 100, 3, 8),
+    "wrn28_10_silu": (lambda sd, x, t, st: silu_wrn_by_hand(sd, x, t, st, 28, CIFAR10_MEAN, CIFAR10_STD),
+                      "cifar10", 10, 3, 8),
+    "wrn28_10_silu-cifar100": (lambda sd, x, t, st: silu_wrn_by_hand(sd, x, t, st, 28, CIFAR100_MEAN, CIFAR100_STD),
+                               "cifar100", 100, 3, 8),
+    "wrn28_10_silu-grey": (lambda sd, x, t, st: silu_wrn_by_hand(  # CIFAR-10's constants, averaged over the channels
+        sd, x, t, st, 28, (torch.tensor(CIFAR10_MEAN).mean().item(),), (torch.tensor(CIFAR10_STD).mean().item(),)),
+                           "fashion_mnist", 10, 1, 12),
+    "wrn70_16_silu": (lambda sd, x, t, st: silu_wrn_by_hand(sd, x, t, st, 70, CIFAR10_MEAN, CIFAR10_STD),
+                      "cifar10", 10, 3, 4),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "wrn70_16_silu" else n
+                                  for n in AUTHORS_NETWORKS])
+def test_authors_networks_compute_the_released_function(name):
+    """Logits in eval and train mode, and the BatchNorm running statistics after the train-mode forward, equal the
+    slow reference in float64 (random BatchNorm statistics and affine parameters, so that every one is used)."""
+    by_hand, dataset, classes, channels, size = AUTHORS_NETWORKS[name]
+    torch.manual_seed(0)
+    m = models.get_model(name.split("-")[0], classes, channels, dataset=dataset).double()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                for t in (mod.weight, mod.bias, mod.running_mean):
+                    t.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 1.5)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.rand(3, channels, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        want = by_hand(sd, x, False, {})
+        assert (m.eval()(x) - want).abs().max() <= 1e-9 * (1 + want.abs().max())
+        stats = {}
+        want = by_hand(sd, x, True, stats)
+        got = m.train()(x)
+    assert (got - want).abs().max() <= 1e-9 * (1 + want.abs().max())
+    now = m.state_dict()
+    assert stats and set(stats) == {k for k in sd if k.endswith(("running_mean", "running_var"))}
+    for k, v in stats.items():
+        assert (now[k] - v).abs().max() <= 1e-9 * (1 + v.abs().max()), k
+    if name.startswith("preact"):  # the two PreActResNets differ where said: a swapped shortcut would fail here
+        other = AUTHORS_NETWORKS["preact_resnet18" if name.endswith("iseat") else "preact_resnet18_iseat"][0]
+        with torch.no_grad():
+            assert (other(sd, x, False, {}) - m.eval()(x)).abs().max() > 1e-6
+
+
+RELEASED_KEYS = {  # the first and last keys of each released state dict, as the authors' files name them
+    "preact_resnet18_iseat": (["conv1.weight", "layer1.0.bn1.weight", "layer1.0.bn1.bias"],
+                              ["bn.num_batches_tracked", "linear.weight", "linear.bias"]),
+    "wrn34_10_iseat": (["conv1.weight", "layer1.block0.bn1.weight", "layer1.block0.bn1.bias",
+                        "layer1.block0.bn1.running_mean", "layer1.block0.bn1.running_var",
+                        "layer1.block0.bn1.num_batches_tracked", "layer1.block0.conv1.weight"],
+                       ["layer3.block4.conv2.weight", "bn1.weight", "bn1.bias", "bn1.running_mean",
+                        "bn1.running_var", "bn1.num_batches_tracked", "fc0.weight", "fc0.bias"]),
+    "wrn28_10_iseat": (["conv1.weight", "layer1.block0.bn1.weight"], ["layer3.block3.conv2.weight", "bn1.weight",
+                                                                      "bn1.bias", "bn1.running_mean",
+                                                                      "bn1.running_var", "bn1.num_batches_tracked",
+                                                                      "fc0.weight", "fc0.bias"]),
+    "wrn28_10_silu": (["init_conv.weight", "layer.0.block.0.batchnorm_0.weight", "layer.0.block.0.batchnorm_0.bias",
+                       "layer.0.block.0.batchnorm_0.running_mean", "layer.0.block.0.batchnorm_0.running_var",
+                       "layer.0.block.0.batchnorm_0.num_batches_tracked", "layer.0.block.0.conv_0.weight"],
+                      ["layer.2.block.3.conv_1.weight", "batchnorm.weight", "batchnorm.bias",
+                       "batchnorm.running_mean", "batchnorm.running_var", "batchnorm.num_batches_tracked",
+                       "logits.weight", "logits.bias"]),
+    "wrn70_16_silu": (["init_conv.weight", "layer.0.block.0.batchnorm_0.weight"],
+                      ["layer.2.block.10.conv_1.weight", "batchnorm.weight", "batchnorm.bias",
+                       "batchnorm.running_mean", "batchnorm.running_var", "batchnorm.num_batches_tracked",
+                       "logits.weight", "logits.bias"]),
+}
+
+
+def test_authors_networks_hold_the_released_keys_and_load_strictly():
+    for arch, (first, last) in RELEASED_KEYS.items():
+        keys = list(models.get_model(arch, 10).to("meta").state_dict())
+        assert keys[:len(first)] == first and keys[-len(last):] == last, arch
+        assert not any(k in ("mean", "std") for k in keys)  # the SiLU constants are not in the state dict
+    for shortcut in ("layer1.block0.shortcut.0.weight", "layer2.block0.shortcut.0.weight"):
+        assert shortcut in models.get_model("wrn34_10_iseat", 10).to("meta").state_dict()
+    assert "layer1.block1.shortcut.0.weight" not in models.get_model("wrn34_10_iseat", 10).to("meta").state_dict()
+    sd = models.get_model("wrn28_10_silu", 10).state_dict()
+    assert "layer.1.block.0.shortcut.weight" in sd and "layer.1.block.1.shortcut.weight" not in sd
+    # DM-Improves-AT's file: {'model_state_dict': ...} with module.0. keys; loads strictly once eval.py strips them
+    wrapped = {"module.0." + k: v for k, v in sd.items()}
+    m = models.get_model("wrn28_10_silu", 10)
+    m.load_state_dict(evaluate.clean_state_dict(wrapped), strict=True)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
+
+
+def test_silu_networks_hold_their_data_sets_constants():
+    for dataset, mean, std in (("cifar10", CIFAR10_MEAN, CIFAR10_STD), (None, CIFAR10_MEAN, CIFAR10_STD),
+                               ("cifar100", CIFAR100_MEAN, CIFAR100_STD), ("svhn", (0.5,) * 3, (0.5,) * 3),
+                               ("tiny_imagenet", CIFAR10_MEAN, CIFAR10_STD)):
+        m = models.get_model("wrn28_10_silu", 10, 3, dataset=dataset)
+        assert torch.allclose(m.mean.flatten(), torch.tensor(mean)) and torch.allclose(m.std.flatten(),
+                                                                                      torch.tensor(std)), dataset
+    m = models.get_model("wrn28_10_silu", 10, 1, dataset="mnist")
+    assert m.mean.shape == (1, 1, 1, 1) and m.mean.item() == pytest.approx(sum(CIFAR10_MEAN) / 3)
+    assert "mean" not in m.state_dict() and m.double().mean.dtype == torch.float64
+
+
+@pytest.mark.parametrize("layout", ["iseat", "dm", "robustbench-bare", "robustbench-module"])
+def test_eval_reads_the_authors_released_checkpoint_layouts(cifar, tmp_path, layout):
+    """ISEAT's {'state_dict': bare keys}, DM-Improves-AT's {'model_state_dict': module.0. keys}, RobustBench's bare
+    or module. keys (under state_dict or not); the result equals the network's own accuracy, and a wrong --arch is
+    refused in one line."""
+    root, _ = cifar
+    arch = "preact_resnet18_iseat" if layout == "iseat" else "wrn28_10_silu"
+    torch.manual_seed(0)
+    model = models.get_model(arch, 10, dataset="cifar10").eval()
+    sd = model.state_dict()
+    ck = {"iseat": {"state_dict": sd}, "dm": {"model_state_dict": {"module.0." + k: v for k, v in sd.items()}},
+          "robustbench-bare": sd, "robustbench-module": {"state_dict": {"module." + k: v for k, v in sd.items()}}}
+    path = str(tmp_path / f"{layout}.pt")
+    torch.save(ck[layout], path)
+    res = ev([path, "--arch", arch, "--dataset", "cifar10", "--data-dir", root, "--attacks", "clean",
+              "--n-examples", "4", "--batch-size", "4"])
+    with torch.no_grad():
+        ds = data.load("cifar10", root, val_size=0)
+        want = (model(ds["test_x"][:4].float() / 255).argmax(1) == ds["test_y"][:4]).float().mean().item() * 100
+    assert res[path]["ran"]["clean"]["accuracy"] == pytest.approx(want)
+    other = "preact_resnet18" if layout == "iseat" else "wrn28_10_iseat"
+    if layout != "iseat":  # ISEAT's PreActResNet has Rice et al.'s keys: only its function differs
+        with pytest.raises(SystemExit, match=f"does not fit arch '{other}'.*pass the --arch and --dataset"):
+            ev([path, "--arch", other, "--dataset", "cifar10", "--data-dir", root, "--attacks", "clean",
+                "--n-examples", "4"])
+
+
+# The authors' WideResNets at depth 10, width 1 (the same classes, blocks and key pattern): what the method files
+# do with a network does not depend on its size, and the full sizes take minutes a batch on a CPU.
+SMALL_AUTHORS_NETWORKS = {
+    "wrn34_10_iseat": lambda n, c, d: models.IseatWideResNet(10, 1, n, c),
+    "wrn28_10_iseat": lambda n, c, d: models.IseatWideResNet(10, 2, n, c),
+    "wrn28_10_silu": lambda n, c, d: models.SiluWideResNet(10, 1, n, c, d),
+    "wrn70_16_silu": lambda n, c, d: models.SiluWideResNet(10, 2, n, c, d),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["preact_resnet18_iseat", "wrn34_10_iseat", "wrn28_10_iseat", "wrn28_10_silu",
+                                  "wrn70_16_silu"])
+def test_every_method_trains_on_the_authors_networks(cifar, tmp_path, monkeypatch, arch):
+    """Each method, one process, on each of the authors' networks: --amp, --wa, --save-every, a resume, --compile
+    (at.py, SiLU); eval.py reads the checkpoint and builds the same network (the SiLU one with CIFAR-10's
+    constants)."""
+    monkeypatch.setattr(models, "ARCHS", {**models.ARCHS, **SMALL_AUTHORS_NETWORKS})
+    root, _ = cifar
+    common = ["--dataset", "cifar10", "--data-dir", root, "--arch", arch, "--batch-size", "4", "--max-batches", "1",
+              "--steps", "1", "--val-size", "4", "--val-steps", "1", "--milestones", "1", "--save-every", "1",
+              "--device", DEV]
+    methods = ["at", "sar", "iseat", "trades", "mart"]
+    resumed = methods[list(SMALL_AUTHORS_NETWORKS).index(arch) + 1 if arch in SMALL_AUTHORS_NETWORKS else 0]
+    for name in methods:
+        out = str(tmp_path / name)
+        sys.modules[name].main(common + ["--epochs", "1", "--wa", "--out", out] +
+                                          (["--amp"] if name == resumed else []) +
+                                          (["--compile"] if (name, arch) == ("at", "wrn28_10_silu") else []))
+        assert os.path.exists(os.path.join(out, "epoch_1.pt"))
+        if name == resumed:
+            sys.modules[name].main(common + ["--epochs", "2", "--wa", "--amp", "--resume", "--out", out])
+            assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 2
+    ck = os.path.join(str(tmp_path / resumed), "last.pt")
+    res = ev([ck, "--attacks", "clean", "--n-examples", "4"])
+    assert res[ck]["ran"]["clean"]["n_examples"] == 4
+    if "silu" in arch:
+        assert torch.equal(evaluate.load_model(ck, evaluate.get_args([ck]), "cpu")[0].mean.flatten(),
+                           torch.tensor(CIFAR10_MEAN))
 
 
 # ---------------------------------------------------------------- training, checkpoints, resume, evaluation
@@ -1886,8 +2128,11 @@ sys.path.insert(0, {repo!r})
 import torch, torch.nn as nn
 import models
 real_get_model = models.get_model
-def get_model(arch, n, in_channels=3):
-    m = real_get_model(arch, n, in_channels)
+if os.environ.get("SMALL"):  # the authors' networks at test size (see small_authors_networks)
+    import test_all
+    models.ARCHS.update(test_all.SMALL_AUTHORS_NETWORKS)
+def get_model(arch, n, in_channels=3, dataset=None):
+    m = real_get_model(arch, n, in_channels, dataset=dataset)
     if os.environ.get("NO_BN"):  # a model without batch statistics
         m.bn1, m.bn2, m.bn3, m.bn4 = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
     if os.environ.get("DOUBLE"):  # float64 weights and activations: see test_torchrun_gives_the_one_process_result
@@ -1927,7 +2172,7 @@ torch.save({{"model": model.state_dict(), "wa": avg.module.state_dict() if avg i
 
 
 def launch(tmp_path, method, args, nproc=2, no_bn=False, cifar_root=None, double=False, torchrun=(), env=None,
-           wait=True):
+           wait=True, small=False):
     # Runs METHOD.main(args) under torchrun (nproc processes) or plainly (nproc 0); returns {rank: state}, stdout
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER.format(repo=os.path.dirname(os.path.abspath(__file__))))
@@ -1939,6 +2184,8 @@ def launch(tmp_path, method, args, nproc=2, no_bn=False, cifar_root=None, double
         env["NO_BN"] = "1"
     if double:
         env["DOUBLE"] = "1"
+    if small:
+        env["SMALL"] = "1"
     if cifar_root:
         env["CIFAR_ROOT"] = cifar_root
     run = ["-m", "torch.distributed.run", *(torchrun or ["--standalone"]), f"--nproc_per_node={nproc}"]
@@ -2016,6 +2263,22 @@ def test_torchrun_gives_the_one_process_result(cifar, tmp_path, method):
         per_rank, _ = launch(tmp_path, method, args + ["--out", str(tmp_path / "per_rank")], double=True)
         with pytest.raises(AssertionError):
             assert_close_states(per_rank["0"], single["single"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_on_the_authors_networks_gives_the_one_process_result(tmp_path):
+    """ISEAT (AWP on every conv and linear kernel) and TRADES on the SiLU WideResNet (BatchNorm momentum 0.01, its
+    constants as buffers outside the state dict) and ISEAT's WideResNet: 2 processes = 1, as for the small CNN."""
+    for method, arch in (("iseat", "wrn28_10_silu"), ("trades", "wrn34_10_iseat")):
+        args = DDP_ARGS + ["--arch", arch, "--epochs", "2", "--batch-size", "8", "--val-size", "8", "--wa",
+                           "--steps", "2", "--save-every", "1"]
+        single, _ = launch(tmp_path, method, args + ["--out", str(tmp_path / f"single-{method}")], nproc=0,
+                           double=True, small=True)
+        states, out = launch(tmp_path, method, args + ["--sync-bn", "--out", str(tmp_path / f"run-{method}")],
+                             double=True, small=True)
+        assert_close_states(states["0"], states["1"])
+        assert_close_states(states["0"], single["single"], atol=1e-9)
+        assert os.path.exists(tmp_path / f"run-{method}" / "epoch_2.pt")
 
 
 @pytest.mark.slow
@@ -2110,6 +2373,18 @@ def test_bench_mode_prints_throughput_and_keeps_nothing(tmp_path, monkeypatch, c
     assert bench.gflop_per_image("cnn") == pytest.approx(flops.get_total_flops() / 1e9)
     r = bench.run_one("sar", "cnn", "fp32", 16, 2, DEV, in_process=True)
     assert r["tflops"] == pytest.approx(r["img_per_s"] * r["gflop_per_image"] * 26 / 1000, rel=1e-3)
+
+
+def test_bench_networks_table_counts_every_network():
+    """bench.py --networks: parameters and forward GFLOPs of every network (torch's FLOP counter on the meta device);
+    the WideResNet layouts differ where the stride sits: ISEAT's conv1 runs at the block's input resolution."""
+    import bench
+    assert bench.gflop_per_image("wrn34_10_iseat") == pytest.approx(14.73, abs=0.005)
+    assert bench.gflop_per_image("wrn34_10") == pytest.approx(13.32, abs=0.005)
+    assert bench.gflop_per_image("wrn28_10_silu") == pytest.approx(bench.gflop_per_image("wrn28_10"))
+    table = bench.main(["--networks"])
+    assert all(f"| `{arch}` |" in table for arch in models.ARCHS)
+    assert "| `wrn70_16_silu` | 266,796,506 | 77.5 |" in table and "| `wrn34_10_iseat` | 46,160,474 | 14.7 |" in table
 
 
 @pytest.mark.slow

@@ -22,6 +22,9 @@ weights). --released sets the script's values, its schedule in its own epoch con
 from 1 and sets lr x0.1 from `epoch >= 75` (then 90, 100), so its epochs 75 and 76 run at 0.01; here --milestones
 are the epochs after which the lr decays, so that is --milestones 74 89 99 (of which only 74 is reached in 76).
 
+The paper's network is WRN-34-10 in the layout of the TRADES release (--arch wrn34_10); Wang et al. 2023 train
+TRADES on generated images with the SiLU WideResNet-28-10 and -70-16 (--arch wrn28_10_silu, wrn70_16_silu).
+
     python trades.py                               # PreActResNet-18, CIFAR-10
     python trades.py --arch wrn34_10 --released    # the released script's network and settings
     python trades.py --beta 1                      # the paper's other operating point
@@ -165,7 +168,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     torch.backends.cudnn.benchmark = True
     mem = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # faster convs under autocast
-    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset))
+    model = models.get_model(args.arch, *data.classes_and_channels(args.dataset), dataset=args.dataset)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         require(device.type == "cuda" or not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
