@@ -1,4 +1,5 @@
 """Attacks: PGD (L-inf, and L2 as an extension) with the CE or CW loss; FGSM and AutoAttack are in eval.py, their user.
+Also the attacks' settings on the command line: fraction (8/255) and within (a range) as argparse types, radius.
 
 Inputs are images in [0, 1]; eps and step sizes are in the same units (8/255, not 0.031).
 PGD (Madry et al. 2018), L-inf:  x' <- clip_[0,1]( x + clip_[-eps,eps]( x' + alpha * sign(grad_x' L) - x ) ).
@@ -6,7 +7,9 @@ The attacks ask autograd for the input gradient only (torch.autograd.grad): no p
 left behind, and the model's train/eval mode is not touched (training attacks run in whatever mode the method
 wants; evaluation wraps the model in frozen()).
 """
+import argparse
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -88,19 +91,18 @@ def correct(model, x, y, batch_size=500, attack=None, **attack_kw):
     return torch.cat(out)
 
 
-def accuracy(model, x, y, eps, alpha, steps, norm="Linf"):
-    """Clean and PGD-`steps` accuracy (%) of the frozen model on (x, y), fp32, random start: the methods' validation.
-    PGD is None for eps 0 (natural training); both are None without a model or images."""
+def accuracy(model, x, y, eps, alpha, steps, norm="Linf", loss="ce"):
+    """Clean and PGD-`steps` accuracy (%) of the frozen model on (x, y), fp32, random start, PGD on `loss` ("ce" or
+    "cw"): the methods' validation. PGD is None for eps 0 (natural training); both are None without a model or
+    images."""
     if model is None or len(y) == 0:
         return None, None
     acc = lambda **attack: 100 * correct(model, x, y, **attack).float().mean().item()  # noqa: E731
-    return acc(), acc(attack=pgd, eps=eps, alpha=alpha, steps=steps, norm=norm) if eps > 0 else None
+    return acc(), acc(attack=pgd, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss) if eps > 0 else None
 
 
 def fraction(s):
     """argparse type for radii and steps: '8/255' or a plain number, both in [0,1] pixel units."""
-    import argparse
-    import math
     try:
         num, _, den = s.partition("/")
         v = float(num) / float(den or 1)
@@ -109,6 +111,18 @@ def fraction(s):
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
     return v
+
+
+def within(interval, kind=float):
+    """argparse type=: a `kind` (int, float, fraction) in `interval`, such as "[0, 1)" or "(0, inf)"; a value outside
+    is argparse's one-line error naming the flag."""
+    def convert(s):
+        v, lo, hi = kind(s), *(float(b) for b in interval[1:-1].split(","))
+        if v < lo or v > hi or (v == lo and interval[0] == "(") or (v == hi and interval[-1] == ")"):
+            raise argparse.ArgumentTypeError(f"{s} is outside {interval}; give a value in it")
+        return v
+    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" for text that is no number
+    return convert
 
 
 def radius(v, norm="Linf", digits=4):

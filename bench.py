@@ -6,6 +6,7 @@
     python bench.py --peak-tflops 989     # the dense bf16 peak of a GPU the table below does not know
     python bench.py --quick               # the tiny configuration (cnn, 2 batches of 32), what a CPU runs
     python bench.py --networks            # every network's parameters and forward GFLOPs per 32-px image
+    python bench.py --recipe wang2023     # the same runs with the leaderboard's recipe (every method's --recipe)
 
 Each configuration runs `python METHOD.py --bench ...` (2 epochs of --max-batches batches of synthetic CIFAR-shaped
 data; the second epoch is timed, so cudnn autotuning and compilation are not counted) in a process of its own, so
@@ -72,6 +73,7 @@ def get_args(argv=None):
     p.add_argument("--archs", nargs="+", default=None, choices=models.ARCHS,
                    help="default preact_resnet18 wrn34_10 (quick: cnn)")
     p.add_argument("--networks", action="store_true", help="print every network's parameters and GFLOPs, and stop")
+    p.add_argument("--recipe", choices=["wang2023"], help="every run with this training recipe (the methods' flag)")
     p.add_argument("--modes", nargs="+", default=None, choices=MODES,
                    help="default all three (quick: fp32; a CPU has no fast bf16)")
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 32)")
@@ -106,10 +108,10 @@ def peak_of(name, override):
     return None, None
 
 
-def run_one(method, arch, mode, batch, max_batches, device, in_process):
+def run_one(method, arch, mode, batch, max_batches, device, in_process, recipe=None):
     """One --bench run; returns {img_per_s, tflops} or {error}."""
     argv = ["--bench", "--dataset", "synthetic", "--arch", arch, "--batch-size", str(batch),
-            "--max-batches", str(max_batches), "--device", device]
+            "--max-batches", str(max_batches), "--device", device] + (["--recipe", recipe] if recipe else [])
     argv += ["--amp"] if mode != "fp32" else []
     argv += ["--compile"] if mode == "bf16+compile" else []
     t0 = time.time()
@@ -190,7 +192,7 @@ def main(argv=None):
         k = args.max_batches or (2 if args.quick else 10 if arch.startswith("wrn") else 30)
         for method in args.methods:
             for mode in args.modes:
-                r = run_one(method, arch, mode, args.batch_size, k, args.device, in_process)
+                r = run_one(method, arch, mode, args.batch_size, k, args.device, in_process, args.recipe)
                 res["runs"].setdefault(method, {}).setdefault(arch, {})[mode] = r
                 shown = (f"{r['img_per_s']:.1f} images/s x {r['gflop_per_image']:.3g} GFLOP/image x "
                          f"{r['forward_equivalents']} forward-equivalents = {r['tflops']:.3g} TFLOP/s"
@@ -210,7 +212,7 @@ def main(argv=None):
         tries = args.largest_batch if args.largest_batch is not None else (
             [64, 128] if args.quick else [256, 512, 1024, 2048] + ([] if arch.startswith("wrn") else [4096, 8192]))
         for b in tries:
-            r = run_one("at", arch, lb_mode, b, 2 if args.quick else 5, args.device, in_process)
+            r = run_one("at", arch, lb_mode, b, 2 if args.quick else 5, args.device, in_process, args.recipe)
             print(f"    at {arch:<16} {lb_mode} batch {b:<6} "
                   + (f"{r['img_per_s']:.1f} images/s" if "img_per_s" in r else r["error"]), flush=True)
             if "img_per_s" not in r:

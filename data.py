@@ -25,6 +25,10 @@ import torch.nn.functional as F
 DATASETS = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist", "fashion_mnist", "synthetic")
 NUM_CLASSES = {"cifar100": 100, "tiny_imagenet": 200}  # 10 for the others
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # 3 for the others
+# The full training sets, before the validation split: --recipe wang2023 counts its EMA warm-up in their batches, as
+# the release does (CIFAR 50,000, SVHN 73,257, Tiny ImageNet 100,000)
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "svhn": 73_257, "tiny_imagenet": 100_000, "mnist": 60_000,
+                "fashion_mnist": 60_000, "synthetic": 50_000}
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 SOURCES = {  # what a user must put in --data-dir when it cannot be downloaded
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",

@@ -25,6 +25,7 @@ same function at 32 px and any other size too.
 Checkpoints: save_checkpoint writes atomically; load_checkpoint reads any file with torch.load(weights_only=True), so
 nothing but tensors and plain values is ever unpickled.
 """
+import contextlib
 import functools
 import glob
 import json
@@ -315,6 +316,32 @@ def get_model(arch, num_classes, in_channels=3, dataset=None):
     if arch not in ARCHS:
         raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     return ARCHS[arch](num_classes, in_channels, dataset)
+
+
+def param_groups(model, bn_weight_decay=None):
+    """The parameters as SGD's groups: all in one, or (bn_weight_decay given) BatchNorm's weights and biases in a
+    second group with that weight decay (the release of Wang et al. 2023: 0, every other parameter decayed)."""
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    if bn_weight_decay is None:
+        return [dict(params=list(model.parameters()))]
+    return [dict(params=[p for p in model.parameters() if id(p) not in bn]),
+            dict(params=[p for p in model.parameters() if id(p) in bn], weight_decay=bn_weight_decay)]
+
+
+@contextlib.contextmanager
+def bn_momentum(model, momentum):
+    """Inside, every BatchNorm layer of `model` updates its running statistics with `momentum` (None: its own); the
+    release of Wang et al. 2023 takes 1.0 for its first training step, so that the statistics start as a batch's."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if momentum is not None \
+        else []
+    own = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = momentum
+    try:
+        yield
+    finally:
+        for m, v in zip(layers, own):
+            m.momentum = v
 
 
 def atomic_write(path, write, mode="wb"):

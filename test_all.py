@@ -1320,7 +1320,7 @@ def test_run_folder_hygiene(cifar, tmp_path, capsys):
     assert glob_tmp(run) == [f"best.pt.tmp{os.getppid()}"]
     # a resume clears killed writes too, and says where it resumes
     (run / "last.pt.tmp99999998").write_bytes(b"x")
-    at.main(at_args(root, run, "--epochs", "2", "--milestones", "1", "--max-batches", "1", "--resume"))
+    at.main(at_args(root, run, "--epochs", "2", "--milestones", "--max-batches", "1", "--resume"))
     assert "resuming" in capsys.readouterr().out and "last.pt.tmp99999998" not in os.listdir(run)
     # an output folder that cannot be written is found before any data is read
     (tmp_path / "a_file").write_text("")
@@ -1358,20 +1358,40 @@ def test_weight_average_is_never_dropped_or_faked(cifar, tmp_path, capsys):
                    match=r"holds no averaged weights yet \(epoch 2; swa averages from epoch 76\)")
     # resuming must keep the --wa setting: dropping or restarting the average is refused
     base = ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--batch-size", "32", "--val-size", "40",
-            "--max-batches", "1", "--milestones", "1", "--device", DEV]
-    one_line_error(sar.main, *base, "--epochs", "3", "--resume", "--out", str(run),
-                   match=r"holds a run of sar.py --arch cnn --dataset cifar10 --wa --wa-mode swa; resume it with those")
+            "--max-batches", "1", "--milestones", "--device", DEV]
+    one_line_error(sar.main, *base, "--epochs", "3", "--milestones", "75", "90", "--resume", "--out", str(run),
+                   match=r"holds another experiment: --wa True \(given False\); resume with those, or --out a new run")
     plain = tmp_path / "plain"
-    at.main(base + ["--epochs", "1", "--milestones", "--out", str(plain)])
+    at.main(base + ["--epochs", "1", "--out", str(plain)])
     one_line_error(at.main, *base, "--epochs", "2", "--resume", "--wa", "--out", str(plain),
-                   match=r"holds a run of at.py --arch cnn --dataset cifar10 \(no --wa\); resume it with those")
+                   match=r"holds another experiment: --wa False \(given True\);")
     ema = tmp_path / "ema"
-    at.main(base + ["--epochs", "1", "--milestones", "--wa", "--out", str(ema)])
+    at.main(base + ["--epochs", "1", "--wa", "--out", str(ema)])
     one_line_error(at.main, *base, "--epochs", "2", "--resume", "--wa", "--wa-mode", "swa", "--out", str(ema),
-                   match=r"holds a run of at.py --arch cnn --dataset cifar10 --wa --wa-mode ema;")
+                   match=r"holds another experiment: --wa-mode ema \(given swa\);")
     at.main(base + ["--epochs", "2", "--resume", "--wa", "--out", str(ema)])
     assert torch.load(ema / "last.pt", weights_only=True)["wa_n"] == 2  # 1 step per epoch, kept across the resume
     assert f"resuming {ema / 'last.pt'} at epoch 1; changed flags: --epochs 1 -> 2" in capsys.readouterr().out
+
+
+def test_a_resume_continues_the_same_experiment_or_refuses(cifar, tmp_path, capsys):
+    """The flags that define the experiment must be the checkpoint's: another --sar-lambda, --lr or --augment is
+    refused in one line and nothing is written; --epochs (upwards) and --device change only how it runs."""
+    root, _ = cifar
+    run = tmp_path / "sar"
+    base = ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--batch-size", "16", "--val-size", "16",
+            "--max-batches", "1", "--steps", "1", "--val-steps", "1", "--milestones", "--out", str(run)]
+    sar.main(base + ["--epochs", "1", "--sar-lambda", "0", "--wa", "--device", DEV])  # the SAR paper's AT + SWA row
+    before = {f: md5(run / f) for f in os.listdir(run)}
+    for flag, value, was in (("--sar-lambda", "0.1", "0.0"), ("--lr", "0.05", "0.1"), ("--augment",
+                                                                                    "idbh-cifar10-weak", "crop-flip")):
+        one_line_error(sar.main, *base, "--epochs", "2", "--sar-lambda", "0", "--wa", "--resume", flag, value,
+                       match=rf"holds another experiment: {flag} {was} \(given {value}\); resume with those, or --out")
+        assert {f: md5(run / f) for f in os.listdir(run)} == before, flag  # nothing written
+    sar.main(base + ["--epochs", "2", "--sar-lambda", "0", "--wa", "--resume", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "changed flags: --epochs 1 -> 2" in out and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+    assert ("--device cpu -> cpu" not in out) and (DEV == "cpu" or "--device cuda -> cpu" in out)
 
 
 def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, capsys):
@@ -1581,8 +1601,8 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     one_line_error(at.main, *at_args(root, run, "--epochs", "1", "--milestones"),
                    match="already holds a run .*pass --resume")
     one_line_error(at.main, *at_args(root, run, "--resume", "--arch", "resnet18"),
-                   match=r"holds a run of at.py --arch cnn --dataset cifar10 \(no --wa\); resume it with those flags")
-    one_line_error(sar.main, *at_args(root, run, "--resume"), match=r"holds a run of at.py")
+                   match=r"holds another experiment: --arch cnn \(given resnet18\), .*resume with those, or --out")
+    one_line_error(sar.main, *at_args(root, run, "--resume"), match=r"holds a run of at.py; pass --out for a new run")
     # a run folder stands for its best.pt; one without it is refused, naming what it holds
     res = ev([str(run), "--attacks", "clean", "--n-examples", "8"])
     assert str(run / "best.pt") in res
@@ -2431,18 +2451,18 @@ def test_schedules_follow_the_released_scripts_epoch_conventions(cifar, tmp_path
     for epoch in range(200):
         for i in (0, nb - 2, nb - 1):
             t = epoch + (i + 1) / nb
-            assert at.lr_at(a, t) == pytest.approx(rice(t)), (epoch, i)
+            assert at.schedule(a, t)[0] == pytest.approx(rice(t)), (epoch, i)
     for module in (trades, mart):
         a = module.get_args(["--released"])
-        assert [module.lr_at(a, e - 1) for e in range(1, 77)] == pytest.approx([trades_mart(e) for e in
+        assert [module.schedule(a, e - 1)[0] for e in range(1, 77)] == pytest.approx([trades_mart(e) for e in
                                                                                      range(1, 77)])
         a = module.get_args(["--released", "--epochs", "120"])  # MART's ResNet-18 script: 120 epochs
-        assert [module.lr_at(a, e - 1) for e in range(1, 121)] == pytest.approx([trades_mart(e) for e in
+        assert [module.schedule(a, e - 1)[0] for e in range(1, 121)] == pytest.approx([trades_mart(e) for e in
                                                                                       range(1, 121)])
     a = sar.get_args([])
-    assert [sar.lr_at(a, e) for e in range(100)] == pytest.approx([from_zero(e, (75, 90)) for e in range(100)])
+    assert [sar.schedule(a, e)[0] for e in range(100)] == pytest.approx([from_zero(e, (75, 90)) for e in range(100)])
     a = iseat.get_args([])
-    assert [iseat.lr_at(a, e) for e in range(200)] == pytest.approx([from_zero(e, (100, 150))
+    assert [iseat.schedule(a, e)[0] for e in range(200)] == pytest.approx([from_zero(e, (100, 150))
                                                                            for e in range(200)])
     # at.py sets the lr before every step, as Rice et al.: the last step of the epoch before a milestone already
     # runs at the lower lr (4 epochs, milestones 2 and 3 = Rice's 1/2 and 3/4 of the run)
@@ -2456,6 +2476,238 @@ def test_schedules_follow_the_released_scripts_epoch_conventions(cifar, tmp_path
              str(tmp_path / "r"), "--device", DEV])
     assert lrs == pytest.approx([rice(e + (i + 1) / 2, epochs=4) for e in range(4) for i in range(2)])
     assert lrs[:4] == pytest.approx([0.1, 0.1, 0.1, 0.01])
+
+
+# ---------------------------------------------------------------- the leaderboard's recipe (--recipe wang2023)
+
+def recipe_args(root, out, *extra):
+    return ["--dataset", "cifar10", "--data-dir", root, "--arch", "cnn", "--recipe", "wang2023", "--batch-size", "8",
+            "--val-size", "8", "--val-steps", "2", "--steps", "2", "--max-batches", "1", "--out", str(out),
+            "--device", DEV, *extra]
+
+
+def test_recipe_sets_the_released_values_and_the_flags_given_win():
+    a = trades.get_args(["--recipe", "wang2023", "--extra-data", "1m.npz"])
+    assert (a.batch_size, a.lr, a.epochs, a.milestones, a.extra_fraction, a.val_size, a.val_steps, a.val_loss, a.wa,
+            a.wa_mode, a.wa_decay, a.beta, a.label_smoothing) == (512, 0.2, 400, [], 0.7, 1024, 40, "cw", True,
+                                                                 "wang2023", 0.995, 5.0, 0.1)
+    a = trades.get_args(["--recipe", "wang2023", "--batch-size", "256", "--beta", "6", "--epochs", "10"])
+    assert (a.batch_size, a.beta, a.epochs, a.extra_fraction, a.label_smoothing) == (256, 6.0, 10, None, 0.1)
+    a = sar.get_args(["--recipe", "wang2023"])  # every method: the shared values, not TRADES' own
+    assert (a.lr, a.wa_mode, a.sar_lambda) == (0.2, "wang2023", 0.1) and not hasattr(a, "beta")
+    assert iseat.get_args(["--recipe", "wang2023"]).lam == [0.1]  # one-cycle: no lr stages, the smoothing on
+    assert at.get_args([]).recipe is None and at.get_args([]).momentum == 0.9 and at.get_args([]).val_loss == "ce"
+    one_line_error(at.main, "--recipe", "wang2023", "--momentum", "0.9", match=r"cycles the momentum \(leave --momentum")
+    one_line_error(at.main, "--recipe", "wang2023", "--epochs", "40", match=r"divides by zero at --epochs 40")
+    one_line_error(trades.main, "--recipe", "wang2023", "--norm", "L2", match=r"--recipe wang2023 with --norm L2")
+
+
+def test_recipe_schedule_is_torchs_one_cycle_stepped_once_an_epoch(cifar, tmp_path, monkeypatch):
+    """Every epoch's lr and momentum are OneCycleLR's (max_lr --lr, pct_start 0.025, total_steps --epochs) after
+    that many steps, in one process and across a resume at any epoch; at.py does not change the lr within an epoch
+    under the recipe; Nesterov on, BatchNorm's weights and biases without weight decay, every other parameter (the
+    linear bias too) with --wd."""
+    for epochs in (1, 3, 39, 41, 400):
+        a = at.get_args(["--recipe", "wang2023", "--epochs", str(epochs), "--lr", "0.3"])
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3, momentum=0.9)
+        ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, pct_start=0.025, total_steps=epochs)
+        for e in range(epochs):
+            assert at.schedule(a, e) == (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])
+            opt.step()
+            ref.step()
+    root, _ = cifar
+    seen = []  # (lr, momentum, nesterov, weight decay) of each group at every optimiser step
+    real_step, real_batches = torch.optim.SGD.step, data.batches
+
+    def step(self, *args, **kw):
+        if len(self.param_groups) == 2:  # the training's (schedule's stand-in has one)
+            seen.append([(g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) for g in self.param_groups])
+        return real_step(self, *args, **kw)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    for kill in (None, 1, 3):  # uninterrupted; killed in epoch 2 and resumed; killed in epoch 4 and resumed
+        seen.clear()
+        out = tmp_path / f"run{kill}"
+        args = recipe_args(root, out, "--max-batches", "2", "--wd", "3e-4", "--epochs", "5")
+        if kill:
+            def dying(*a, **kw):  # the epoch's seed is the epoch here (--seed 0)
+                if kw.get("seed") == kill:
+                    raise KeyboardInterrupt
+                return real_batches(*a, **kw)
+            monkeypatch.setattr(data, "batches", dying)
+            with pytest.raises(KeyboardInterrupt):
+                at.main(args)
+            monkeypatch.setattr(data, "batches", real_batches)
+            args += ["--resume"]
+        at.main(args)
+        a = at.get_args(args)
+        want = [at.schedule(a, e) for e in range(5)]
+        log = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert [v for r in log for v in (r["lr"], r["momentum"])] == pytest.approx(  # the log: 6 digits
+            [v for w in want for v in w], rel=1e-5)
+        assert [v for s in seen for v in s[0][:2]] == pytest.approx(  # both steps of each epoch
+            [v for w in want for _ in range(2) for v in w])
+    assert len({s[0][0] for s in seen}) == 5  # the lr moves once an epoch
+    assert all(g[2] for s in seen for g in s)  # Nesterov
+    assert all(s[0][3] == 3e-4 and s[1][3] == 0.0 for s in seen)  # BatchNorm's group without weight decay
+    net = models.get_model("cnn", 10)
+    groups = models.param_groups(net, bn_weight_decay=0.0)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(
+        f"bn{i}.{w}" for i in range(1, 5) for w in ("weight", "bias"))
+    assert "linear.bias" in [names[id(p)] for p in groups[0]["params"]]  # decayed, as released
+    assert len(models.param_groups(net)) == 1 and len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
+
+
+def test_recipe_ema_is_the_released_formula_and_takes_the_live_batchnorm_statistics(cifar, tmp_path, monkeypatch):
+    """wang2023's EMA against a slow loop of the released ema_update over a run whose warm-up (here 5.2 steps) ends
+    inside it: decay 0 until the warm-up, then min(0.995, (1 + d) / (10 + d)); parameters only; the average's
+    BatchNorm buffers are the live model's."""
+    root, _ = cifar
+    monkeypatch.setitem(data.TRAIN_IMAGES, "cifar10", 200)  # the fixture's size: W = 0.025 x 8 x (200 // 8 + 1) = 5.2
+    states = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kw):
+        if len(self.param_groups) == 1:  # schedule's stand-in
+            return real_step(self, *args, **kw)
+        params = self.param_groups[0]["params"] + self.param_groups[1]["params"]
+        if not states:
+            states.append([p.detach().clone() for p in params])
+        out = real_step(self, *args, **kw)
+        states.append([p.detach().clone() for p in params])
+        return out
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    out = tmp_path / "ema"
+    at.main(recipe_args(root, out, "--epochs", "8"))
+    ck = torch.load(out / "last.pt", weights_only=True)
+    model = models.get_model("cnn", 10)
+    order = [id(p) for g in models.param_groups(model, bn_weight_decay=0.0) for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    names = [names[i] for i in order]
+    warmup = 0.025 * 8 * (200 // 8 + 1)
+    avg = [t.clone().double() for t in states[0]]  # the release's deep copy of the initial model
+    for step_no, live in enumerate(states[1:], start=1):  # ema_update(wa_model, model, global_step, 0.995, warmup)
+        factor = int(step_no >= warmup)
+        delta = step_no - warmup
+        decay = min(0.995, (1. + delta) / (10. + delta)) * factor
+        avg = [decay * a + (1 - decay) * p.double() for a, p in zip(avg, live)]
+    assert len(states) == 9 and 5 < warmup < 8
+    for n, a in zip(names, avg):
+        assert torch.allclose(ck["wa_model"][n].double(), a, atol=1e-6), n
+    assert not torch.allclose(ck["wa_model"][names[0]], ck["model"][names[0]])  # averaged, not the live weights
+    for k, v in ck["model"].items():
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(ck["wa_model"][k], v), k
+    assert ck["wa_n"] == 9  # the optimiser steps taken + 1: the release's global_step of the next update
+    assert os.path.exists(out / "wa_best.pt")
+
+
+def test_recipe_first_step_takes_batchnorm_momentum_1(cifar, tmp_path, monkeypatch):
+    """As released: the first step's BatchNorm updates run with momentum 1.0 (the statistics become the last
+    train-mode batch's), every later one with the network's own (0.1 here; the SiLU network's 0.01)."""
+    root, _ = cifar
+    seen = []
+    real_bn = F.batch_norm
+
+    def bn(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        if training and running_mean is not None:
+            seen.append((momentum, x.detach().mean((0, 2, 3)).clone()))
+        return real_bn(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    monkeypatch.setattr(F, "batch_norm", bn)
+    out = tmp_path / "bn"
+    trades.main(recipe_args(root, out, "--epochs", "1", "--max-batches", "2"))
+    bn_layers = 4  # the small CNN's
+    first, second = seen[:2 * bn_layers], seen[2 * bn_layers:4 * bn_layers]  # a step: the clean and the adversarial
+    assert [m for m, _ in first] == [1.0] * len(first) and [m for m, _ in second] == [0.1] * len(second)
+    assert models.get_model("cnn", 10).bn1.momentum == 0.1
+
+
+def test_dm_trades_attack_uses_batch_statistics_and_leaves_the_running_ones(monkeypatch):
+    """trades_attack(dm=True), DM-Improves-AT's: train mode, each forward normalised by its own batch's statistics
+    (the running ones neither used nor updated), target softmax f(x) computed so, start x + U(-eps, eps) clipped,
+    sign steps on the KL; against a slow loop with BatchNorm by hand. It would fail in eval mode (the running
+    statistics, random here, would normalise) or if the statistics moved."""
+    torch.manual_seed(0)
+    model = models.get_model("cnn", 10).to(DEV).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.rand(6, 3, 12, 12, device=DEV)
+    u = torch.rand_like(x)
+    got = trades.trades_attack(model, x, 8 / 255, 2 / 255, 3, noise=u, dm=True)
+    assert not model.training and all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing moved
+
+    def forward(inp):  # the small CNN by hand, BatchNorm with the batch's own mean and (biased) variance
+        sd, h = model.state_dict(), inp
+        for i, stride in ((1, 1), (2, 2), (3, 1), (4, 2)):
+            h = F.conv2d(h, sd[f"conv{i}.weight"], stride=stride, padding=1)
+            mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+            h = (h - mean) / torch.sqrt(var + 1e-5) * sd[f"bn{i}.weight"][:, None, None] + sd[f"bn{i}.bias"][:, None,
+                                                                                                       None]
+            h = F.relu(h)
+        return F.linear(F.adaptive_avg_pool2d(h, 4).flatten(1), sd["linear.weight"], sd["linear.bias"])
+    with torch.no_grad():
+        target = F.softmax(forward(x), dim=1)
+    want = (x + (2 * u - 1) * 8 / 255).clamp(0, 1)
+    for _ in range(3):
+        want.requires_grad_(True)
+        kl = (target * (target.log() - F.log_softmax(forward(want), dim=1))).sum()
+        (g,) = torch.autograd.grad(kl, want)
+        want = torch.min(torch.max(want.detach() + 2 / 255 * g.sign(), x - 8 / 255), x + 8 / 255).clamp(0, 1)
+    assert (got - want).abs().max() < 1e-6
+    eval_mode = trades.trades_attack(model, x, 8 / 255, 2 / 255, 3, noise=torch.randn_like(x))  # the original
+    assert not model.training and (eval_mode - got).abs().max() > 1e-3
+
+
+def test_cw_validation_matches_a_slow_loop():
+    """attacks.accuracy with loss="cw" (the recipe's validation, PGD-40 on the margin): each image's result equals a
+    per-image loop of sign steps on max_{j != y} z_j - z_y written out class by class."""
+    torch.manual_seed(1)
+    model = models.get_model("cnn", 10).to(DEV)
+    model.train()
+    x, y = torch.randint(0, 256, (10, 3, 12, 12), dtype=torch.uint8, device=DEV), torch.randint(0, 10, (10,), device=DEV)
+    torch.manual_seed(7)
+    clean, robust = attacks.accuracy(model, x, y, 8 / 255, 2 / 255, 5, loss="cw")
+    assert model.training  # restored
+    model.eval()
+    torch.manual_seed(7)
+    xf = x.float() / 255
+    u = torch.rand_like(xf)  # pgd's draw for the chunk
+    survived = []
+    for i in range(len(y)):
+        xi, yi = xf[i:i + 1], int(y[i])
+        xa = (xi + (u[i:i + 1] * 2 - 1) * 8 / 255).clamp(0, 1)
+        for _ in range(5):
+            xa.requires_grad_(True)
+            z = model(xa)[0]
+            margin = max(z[j] for j in range(10) if j != yi) - z[yi]
+            (g,) = torch.autograd.grad(margin, xa)
+            xa = (xi + (xa.detach() + 2 / 255 * g.sign() - xi).clamp(-8 / 255, 8 / 255)).clamp(0, 1)
+        with torch.no_grad():
+            survived.append(model(xa).argmax(1).item() == yi)
+    assert robust == pytest.approx(100 * sum(survived) / len(y))
+    torch.manual_seed(7)
+    per_image = attacks.correct(model, x, y, attack=attacks.pgd, eps=8 / 255, alpha=2 / 255, steps=5, loss="cw")
+    assert per_image.tolist() == survived and 0 < sum(survived) < len(y)
+    with torch.no_grad():
+        assert clean == pytest.approx(100 * (model(xf).argmax(1) == y).float().mean().item())
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_recipe_gives_the_one_process_result(tmp_path):
+    """The whole recipe on 2 processes (--sync-bn) = 1 process: one-cycle lr and momentum, Nesterov and the BatchNorm
+    group, BatchNorm momentum 1.0 at the first step, DM's TRADES attack on batch statistics of the global batch, the
+    wang2023 EMA; in float64."""
+    args = DDP_ARGS + ["--recipe", "wang2023", "--epochs", "3", "--val-size", "50", "--val-steps", "2"]
+    single, _ = launch(tmp_path, "trades", args + ["--out", str(tmp_path / "single")], nproc=0, double=True)
+    states, out = launch(tmp_path, "trades", args + ["--sync-bn", "--out", str(tmp_path / "run")], double=True)
+    assert_close_states(states["0"], states["1"])
+    assert_close_states(states["0"], single["single"], atol=1e-9)
+    assert "wa=wang2023" in out and out.count("epoch 3 |") == 1
 
 
 # ---------------------------------------------------------------- each method as one copyable function
@@ -2718,6 +2970,20 @@ def test_shared_run_code_is_the_same_block_in_every_method_file():
     # a block that drifted is caught: the check itself can fail
     drifted = {**reference, "set-up": reference["set-up"].replace("world > 1", "world >= 1", 1)}
     assert drifted != reference
+
+
+def test_method_files_stay_within_their_line_budgets():
+    """A method file is read top to bottom and its run code is written five times: at.py at most 335 lines, the
+    others 435, the shared run code 235, `main` 135 (the leaderboard's recipe included)."""
+    import ast
+    for path in METHOD_FILES:
+        text = open(os.path.join(HERE, path)).read()
+        main = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        shared = sum(len(b.splitlines()) for b in shared_blocks(path).values())
+        lines = len(text.splitlines())
+        assert lines <= (335 if path == "at.py" else 435) and shared <= 235, (path, lines, shared)
+        assert main.end_lineno - main.lineno + 1 <= 135, path
+        assert max(len(line) for line in text.splitlines()) <= 120, path
 
 
 def test_method_files_import_only_the_four_shared_modules():

@@ -22,15 +22,19 @@ weights). --released sets the script's values, its schedule in its own epoch con
 from 1 and sets lr x0.1 from `epoch >= 75` (then 90, 100), so its epochs 75 and 76 run at 0.01; here --milestones
 are the epochs after which the lr decays, so that is --milestones 74 89 99 (of which only 74 is reached in 76).
 
-The paper's network is WRN-34-10 in the layout of the TRADES release (--arch wrn34_10); Wang et al. 2023 train
-TRADES on generated images with the SiLU WideResNet-28-10 and -70-16 (--arch wrn28_10_silu, wrn70_16_silu).
+The paper's network is WRN-34-10 in the layout of the TRADES release (--arch wrn34_10). Wang et al. 2023 ("Better
+diffusion models further improve adversarial training", ICML 2023; DM-Improves-AT's gowal21uncovering/utils/
+trades.py) train TRADES on generated images with the SiLU WideResNet-28-10 and -70-16 (--arch wrn28_10_silu,
+wrn70_16_silu) and attack otherwise (--recipe wang2023, trades_attack's dm): in train mode with BatchNorm's running
+statistics neither used nor updated, from x + U(-eps, eps) clipped to [0, 1]; beta 5, label smoothing 0.1 on the
+clean CE term, the KL averaged over the batch as here.
 
     python trades.py                               # PreActResNet-18, CIFAR-10
+    python trades.py --arch wrn28_10_silu --extra-data 1m.npz --recipe wang2023   # Wang et al. 2023's run
     python trades.py --arch wrn34_10 --released    # the released script's network and settings
     python trades.py --beta 1                      # the paper's other operating point
 
-Below: the method, its flags, main, then the plumbing. The "shared run code" is the same in every method file (a test
-keeps the copies identical): `diff at.py sar.py` shows the method. --save-every K: snapshots for vulnerability.py.
+Below: the method, its flags, main, the plumbing; the "shared run code" is every method file's (a test keeps it so).
 """
 import argparse
 import json
@@ -49,6 +53,7 @@ import attacks
 import data
 import models
 import wa
+from attacks import within
 
 METHOD = "trades"
 TERM = "kl"  # the KL term, logged as train_kl
@@ -69,15 +74,24 @@ def trades_loss(logits_adv, logits_clean, y, beta=6.0, label_smoothing=0.0):
         beta * trades_kl(logits_adv, logits_clean)
 
 
-def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf"):
-    """PGD on the KL to the clean prediction (no labels), from x + 0.001 N(0, I) (`noise`: the N(0, I) draw; default:
-    drawn here), with the network in eval mode whatever mode it was given in (restored after, so BatchNorm's running
-    statistics are never touched); input gradients only."""
+def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf", dm=False):
+    """PGD on the KL to the clean prediction (no labels), input gradients only. As the TRADES release: from
+    x + 0.001 N(0, I) (`noise`: the N(0, I) draw; default: drawn here), the network in eval mode whatever mode it was
+    given. dm, as DM-Improves-AT's (Wang et al. 2023; L-inf): from x + U(-eps, eps) clipped to [0, 1] (`noise`: the
+    U(0, 1) draw), the network in train mode with BatchNorm's running statistics neither used nor updated (each
+    forward normalises with its own batch's statistics). The mode is restored after, the running statistics are never
+    touched."""
     was_training = model.training
-    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if dm else []
+    model.train(dm)
+    for m in layers:
+        m.track_running_stats = False  # train mode without tracking: the batch's statistics, the running ones untouched
     with torch.no_grad():
         p_clean = F.softmax(model(x).float(), dim=1)
-    x_adv = x + 0.001 * (torch.randn_like(x) if noise is None else noise)
+    if dm:
+        x_adv = (x + (2 * (torch.rand_like(x) if noise is None else noise) - 1) * eps).clamp(0, 1)
+    else:
+        x_adv = x + 0.001 * (torch.randn_like(x) if noise is None else noise)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         kl = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_clean, reduction="sum")
@@ -87,19 +101,21 @@ def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf"):
         else:  # a step along the normalised gradient, the box, then back into the L2 ball
             g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
             x_adv = x + ((x_adv.detach() + alpha * g).clamp(0, 1) - x).renorm(2, 0, eps)
+    for m in layers:
+        m.track_running_stats = True
     model.train(was_training)
     return x_adv.clamp(0, 1).detach()
 
 
 def trades_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, beta=6.0, noise=None, norm="Linf",
-                     label_smoothing=0.0):
-    """TRADES' loss on one batch, as the released trades_loss: the KL attack in eval mode, then in train mode one
-    clean and one adversarial forward, CE(f(x), y) + beta * KL, gradients through both. `noise`: the N(0, I) draw of
-    the start (default: drawn here). Returns (loss, adversarial logits, the KL term detached); the caller owns
-    zero_grad, backward and the optimiser step; the network is left in the mode it was given. Needs torch and
-    torch.nn.functional as F."""
+                     label_smoothing=0.0, dm=False):
+    """TRADES' loss on one batch, as the released trades_loss: the KL attack in eval mode (dm: DM-Improves-AT's, see
+    trades_attack), then in train mode one clean and one adversarial forward, CE(f(x), y) + beta * KL, gradients
+    through both. `noise`: the draw of the start (N(0, I); dm: U(0, 1); default: drawn here). Returns (loss,
+    adversarial logits, the KL term detached); the caller owns zero_grad, backward and the optimiser step; the
+    network is left in the mode it was given. Needs torch and torch.nn.functional as F."""
     was_training = model.training
-    x_adv = trades_attack(model, x, eps, alpha, steps, noise, norm) if eps > 0 else x
+    x_adv = trades_attack(model, x, eps, alpha, steps, noise, norm, dm) if eps > 0 else x
     model.train()
     logits_clean = model(x)  # feeds the CE and the KL target
     logits_adv = model(x_adv)
@@ -117,7 +133,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=within("[1, inf)", int))
     p.add_argument("--milestones", type=within("[1, inf)", int), nargs="*", help="lr x0.1 after each of these epochs")
     p.add_argument("--lr", type=within("(0, inf)"), default=0.1)
-    p.add_argument("--momentum", type=within("[0, 1)"), default=0.9)
+    p.add_argument("--momentum", type=within("[0, 1)"), help="SGD momentum (default 0.9; --recipe cycles it)")
     p.add_argument("--wd", type=within("[0, inf)"), default=5e-4, help="weight decay")
     p.add_argument("--batch-size", type=within("[1, inf)", int), default=128, help="global batch, split over processes")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model of training and validation")
@@ -126,6 +142,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=within("[0, inf)", int), default=10, help="PGD steps of the training attack")
     p.add_argument("--val-steps", type=within("[1, inf)", int), help="PGD steps of validation")
     p.add_argument("--val-size", type=within("[0, inf)", int), help="held-out training images for choosing best.pt")
+    p.add_argument("--val-loss", default="ce", choices=["ce", "cw"], help="the loss of validation's PGD")
     p.add_argument("--augment", default="crop-flip", choices=["crop-flip", *data.IDBH_VARIANTS], help="see data.py")
     p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
     p.add_argument("--rotate", type=within("[0, 180]"), default=0.0, help="random rotation, max degrees (Rice: 15)")
@@ -133,7 +150,7 @@ def get_args(argv=None):
     p.add_argument("--extra-fraction", type=within("(0, 1)"), help="int(f B) of a batch are extra (default: B + B)")
     p.add_argument("--extra-on", default="auto", choices=["auto", "device", "host"], help="where the extra set lives")
     p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py), validated and saved too")
-    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa"])
+    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa", "wang2023"])
     p.add_argument("--wa-decay", type=within("(0, 1)"), default=0.999)
     p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
     p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"], help="images of SWA's BatchNorm pass")
@@ -148,6 +165,7 @@ def get_args(argv=None):
     p.add_argument("--bench", action="store_true", help="images/s: 2 epochs of --max-batches (20), nothing kept")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm over the global batch")
     p.add_argument("--timeout", type=within("(0, inf)"), default=600.0, help="torchrun: seconds to wait for a peer")
+    p.add_argument("--recipe", choices=["wang2023"], help="Wang et al. 2023's training as released (see WANG2023)")
     # ---- end shared ----
     p.set_defaults(epochs=100, milestones=[75, 90], val_steps=10, val_size=1000)  # the SAR paper's baseline schedule
     p.add_argument("--beta", type=within("[0, inf)"), default=6.0, help="weight of the KL term")
@@ -158,7 +176,10 @@ def get_args(argv=None):
                         "lr x0.1 from its epoch 75 (--milestones 74 89 99) (flags given explicitly still win)")
     if "--released" in (sys.argv[1:] if argv is None else argv):  # flags given explicitly still win
         p.set_defaults(eps=0.031, alpha=0.007, wd=2e-4, epochs=76, milestones=[74, 89, 99])
-    return parse(p, argv)
+    args = parse(p, argv, beta=5.0, label_smoothing=0.1)  # --recipe wang2023: the release's beta and smoothing too
+    require(args.norm == "Linf" or not args.recipe, "--recipe wang2023 with --norm L2: Wang et al.'s TRADES attack is "
+                                                   "L-inf here; drop one of them")
+    return args
 
 
 def main(argv=None):
@@ -179,8 +200,10 @@ def main(argv=None):
         net = torch.nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, broadcast_buffers=False)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)  # gradients live in DDP's buckets from the start (see zero_grad below)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup) if args.wa else None
+    opt = torch.optim.SGD(models.param_groups(model, bn_weight_decay=0.0 if args.recipe else None), lr=args.lr,
+                          momentum=args.momentum, weight_decay=args.wd, nesterov=args.recipe is not None)
+    warmup = 0.025 * args.epochs * (data.TRAIN_IMAGES[args.dataset] // args.batch_size + 1)  # wang2023's EMA warm-up
+    avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup, warmup) if args.wa else None
     wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
     start, best, wa_best, history = check_out(args, rank, model, opt, avg)  # new, or resumed; before any data is read
     ds = data.load(args.dataset, args.data_dir, args.val_size, device, args.pad_mode, args.rotate, args.augment)
@@ -191,20 +214,22 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)  # only now: a run that cannot start leaves no folder
         models.remove_stale_temp_files(args.out)  # the temp files of writes that were killed
         print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val, {b_extra} extra "
-              f"a batch), {device} x {world}, amp={args.amp}, compile={args.compile}, wa="
-              + wa.describe(args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn), flush=True)
+              f"a batch), {device} x {world}, amp={args.amp}, compile={args.compile}, wa=" + wa.describe(
+                  args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn, warmup), flush=True)
     # ---- end shared ----
     if rank == 0:
+        how = "start x + U(-eps, eps), train mode, BatchNorm statistics of the batch" if args.recipe else \
+            "start x + 0.001 N(0, I), eval mode"
         attack = f"PGD-{args.steps} on KL(f(x) || f(x')) ({args.norm}, eps {attacks.radius(args.eps, args.norm)}, " \
-            f"step {attacks.radius(args.alpha, args.norm)}, start x + 0.001 N(0, I), eval mode)" if args.eps > 0 else \
-            "natural training (no attack)"
+            f"step {attacks.radius(args.alpha, args.norm)}, {how})" if args.eps > 0 else "natural training (no attack)"
         print(f"train: {attack}, beta {args.beta:g}", flush=True)
 
     for epoch in range(start, args.epochs):
         # ---- shared run code: the epoch's start ----
         net.train()
-        lr = lr_at(args, epoch)  # the lr the epoch starts with (at.py then sets it before every step)
-        opt.param_groups[0]["lr"] = lr
+        lr, momentum = schedule(args, epoch)  # the epoch's (at.py then sets the lr before every step, as Rice et al.)
+        for group in opt.param_groups:
+            group.update(lr=lr, momentum=momentum)
         epoch_seed = args.seed * 100_003 + epoch  # 100_003: a prime above any epoch count
         torch.manual_seed(epoch_seed)  # the batches and the step draw from (seed, epoch): a resume repeats the epoch
         tally = torch.zeros(3, device=device)  # loss, correct, the method's term: summed on the device, read once
@@ -213,42 +238,42 @@ def main(argv=None):
         for i, (x, y, noise) in enumerate(data.batches(
                 ds["train_x"], ds["train_y"], b_lab, shuffle=True, augment=ds["augment"], seed=epoch_seed, rank=rank,
                 world=world, max_batches=len(sizes), memory_format=mem, extra=extra, extra_per_batch=b_extra,
-                noise="normal")):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                noise="uniform" if args.recipe else "normal")):
+            first = models.bn_momentum(model, 1.0 if args.recipe and epoch == i == 0 else None)  # as released
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), first:
                 loss, logits, kl = trades_objective(net, x, y, args.eps, args.alpha, args.steps, args.beta, noise,
-                                                    args.norm, args.label_smoothing)
+                                                    args.norm, args.label_smoothing, dm=args.recipe is not None)
             # set_to_none=False: the gradients stay in DDP's buckets (new ones may get strides that DDP would copy)
             opt.zero_grad(set_to_none=False)
             loss.backward()
             opt.step()
-            if avg is not None and args.wa_mode == "ema":  # EMA: after every optimiser step
+            if avg is not None and args.wa_mode != "swa":  # EMA: after every optimiser step
                 avg.update_parameters(model)
             tally[0] += loss.detach().float() * len(y)
             tally[1] += (logits.detach().argmax(1) == y).sum()
             tally[2] += kl.float() * len(y)
 
         # ---- shared run code: the end of the epoch ----
-        if world > 1:
-            dist.all_reduce(tally)  # the sums over all processes
-        loss_sum, correct, term_sum = tally.tolist()  # the epoch's one host sync
         train_time, seen = time.time() - t0, sum(sizes)
         if avg is not None and args.wa_mode == "swa" and epoch >= wa_start:  # SWA: the end-of-epoch weights
             avg.update_parameters(model)  # then its BatchNorm statistics, from a pass over (clean or PGD) images
             wa.update_bn(avg, ds, model, seen, mem, rank, world if args.sync_bn else 1, (
                 args.eps, args.alpha, args.steps, args.norm) if args.wa_bn == "adversarial" else None)
-        if world > 1:  # rank 0's BatchNorm statistics to every process (without --sync-bn they drift apart)
+        if world > 1:  # sums over all processes; rank 0's BatchNorm statistics to all (without --sync-bn they drift)
+            dist.all_reduce(tally)
             for b in [*model.buffers(), *(avg.module.buffers() if avg is not None else [])]:
                 dist.broadcast(b, 0)
+        loss_sum, correct, term_sum = tally.tolist()  # the epoch's one host sync
         if rank == 0:  # validation, the log line, the checkpoints
             wa_ready = avg is not None and int(avg.n_averaged) > 0
             val = lambda m: attacks.accuracy(m, ds["val_x"], ds["val_y"], args.eps, args.alpha, args.val_steps,  # noqa
-                                             args.norm)
+                                             args.norm, args.val_loss)
             (val_clean, val_pgd), (wa_clean, wa_pgd) = val(model), val(avg.module if wa_ready else None)
             if TERM:
                 log.setdefault(f"train_{TERM}", term_sum / seen)
-            rec = dict(epoch=epoch + 1, lr=lr, **log, train_loss=loss_sum / seen, train_acc=100 * correct / seen,
-                       val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean, wa_val_pgd=wa_pgd,
-                       time_s=time.time() - t0, train_time_s=train_time, img_per_s=seen / train_time)
+            rec = dict(epoch=epoch + 1, lr=lr, momentum=momentum, **log, train_loss=loss_sum / seen,
+                       train_acc=100 * correct / seen, val_clean=val_clean, val_pgd=val_pgd, wa_val_clean=wa_clean,
+                       wa_val_pgd=wa_pgd, time_s=time.time() - t0, train_time_s=train_time, img_per_s=seen / train_time)
             rec = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in rec.items()}  # no float noise
             print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                              if v is not None), flush=True)
@@ -298,27 +323,36 @@ def require(ok, message):  # bad input ends in one line naming the problem and t
         raise SystemExit(f"error: {message}")
 
 
-def within(interval, kind=float):
-    """argparse type=: a `kind` (int, float, attacks.fraction) in `interval`, such as "[0, 1)" or "(0, inf)"."""
-    def convert(s):
-        v, lo, hi = kind(s), *(float(b) for b in interval[1:-1].split(","))
-        if v < lo or v > hi or (v == lo and interval[0] == "(") or (v == hi and interval[-1] == ")"):
-            raise argparse.ArgumentTypeError(f"{s} is outside {interval}; give a value in it")
-        return v
-    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" for text that is no number
-    return convert
+def schedule(args, t):
+    """(lr, momentum) after t epochs (0-based, fractional): --lr x0.1 for each milestone m <= t (first in epoch m + 1);
+    --recipe wang2023: torch's OneCycleLR (2.5 % warm-up, momentum cycled too) stepped once an epoch, as released."""
+    if not args.recipe:
+        return args.lr * 0.1 ** sum(t >= m for m in args.milestones), args.momentum
+    stand_in = torch.optim.SGD([torch.zeros(1)], lr=args.lr, momentum=args.momentum)  # what the scheduler steps
+    cycle = torch.optim.lr_scheduler.OneCycleLR(stand_in, args.lr, total_steps=args.epochs, pct_start=0.025)
+    for _ in range(int(t)):
+        stand_in.step()
+        cycle.step()
+    return stand_in.param_groups[0]["lr"], stand_in.param_groups[0]["momentum"]
 
 
-def lr_at(args, t):
-    """The lr after t epochs (0-based, fractional): --lr x0.1 for every milestone m <= t (first in epoch m + 1)."""
-    return args.lr * 0.1 ** sum(t >= m for m in args.milestones)
+# Wang et al. 2023's train-wa.py command (1M generated images): what --recipe wang2023 sets where no flag is given
+WANG2023 = dict(batch_size=512, lr=0.2, epochs=400, milestones=[], extra_fraction=0.7, val_size=1024, val_steps=40,
+                val_loss="cw", wa=True, wa_mode="wang2023", wa_decay=0.995)
 
 
-def parse(p, argv):
-    """The flags, before any work: argparse checks each one (within, choices); the checks here relate two."""
+def parse(p, argv, **recipe):
+    """The flags, before any work: argparse checks each one (within, choices); the checks here relate two. --recipe
+    wang2023: WANG2023 and the method's `recipe` values are the defaults (the flags given still win)."""
     p.error = lambda message: require(False, f"{message} (--help lists the flags)")
     p._negative_number_matcher = re.compile(r"^-\.?\d")  # -1e-4, -8/255: values, not flags (as Python 3.13's argparse)
     a = p.parse_args(argv)
+    if a.recipe:
+        p.set_defaults(**{k: v for k, v in {**WANG2023, **recipe}.items() if k != "extra_fraction" or a.extra_data})
+        a = p.parse_args(argv)
+    require(not a.recipe or a.momentum is None and a.epochs != 40, "--recipe: torch's OneCycleLR cycles the momentum "
+            "(leave --momentum out) and divides by zero at --epochs 40 (take 39 or 41)")
+    a.momentum = 0.9 if a.momentum is None else a.momentum
     a.out = a.out or os.path.join("runs", f"{METHOD}-{a.dataset}-{a.arch}")
     a.eps = {"Linf": 8 / 255, "L2": 128 / 255}[a.norm] if a.eps is None else a.eps
     a.alpha = {"Linf": 2 / 255, "L2": 15 / 255}[a.norm] if a.alpha is None else a.alpha
@@ -338,9 +372,13 @@ def parse(p, argv):
     return a
 
 
+# The flags that change how a run runs, not what it computes (a resume may change them); the others define it
+HOW = ("epochs", "device", "compile", "amp", "timeout", "save_every", "extra_on", "sync_bn", "data_dir", "out")
+
+
 def check_out(args, rank, model, opt, avg):
-    """The output folder: writable; a run there is only continued (--resume), by the same method, network, data set
-    and weight average, whose state it loads. Returns (epochs done, best, wa_best, the log's records so far)."""
+    """The output folder: writable; a run there is only continued (--resume) as the same experiment (every flag but
+    HOW's as the checkpoint's), whose state it loads. Returns (epochs done, best, wa_best, the log's records so far)."""
     top = os.path.abspath(args.out)
     while not os.path.exists(top):
         top = os.path.dirname(top)
@@ -352,14 +390,14 @@ def check_out(args, rank, model, opt, avg):
     ck = models.load_checkpoint(last)
     require(isinstance(ck, dict) and ck.get("format") == models.CKPT_FORMAT and "optimizer" in ck,
             f"{last} is not a last.pt written by this project; pass --out for a new run")
-    run = lambda m, a: f"{m}.py --arch {a['arch']} --dataset {a['dataset']} " + (  # noqa: E731
-        f"--wa --wa-mode {a['wa_mode']}" if a["wa"] else "(no --wa)")
-    require(run(ck["method"], ck["args"]) == run(METHOD, vars(args)), f"{last} holds a run of "
-            f"{run(ck['method'], ck['args'])}; resume it with those flags, or pass --out for a new run")
-    changed = [f"--{k.replace('_', '-')} {ck['args'][k]} -> {v}" for k, v in vars(args).items()
-               if k != "resume" and ck["args"].get(k, v) != v]
+    require(ck["method"] == METHOD, f"{last} holds a run of {ck['method']}.py; pass --out for a new run")
+    flags = {k: (ck["args"][k], v) for k, v in vars(args).items() if k != "resume" and ck["args"].get(k, v) != v}
+    other = [f"--{k.replace('_', '-')} {a} (given {b})" for k, (a, b) in flags.items()
+             if k not in HOW or k == "epochs" and args.recipe]  # the recipe's one-cycle lr and EMA warm-up span the run
+    require(not other, f"{last} holds another experiment: {', '.join(other)}; resume with those, or --out a new run")
     if rank == 0:
-        print(f"resuming {last} at epoch {ck['epoch']}" + (f"; changed flags: {', '.join(changed)}" if changed else ""))
+        changed = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in flags.items())
+        print(f"resuming {last} at epoch {ck['epoch']}" + (f"; changed flags: {changed}" if changed else ""))
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     if ck["wa_model"] is not None:

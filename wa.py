@@ -9,6 +9,10 @@ swa  the SAR paper's WA: an equal running average of the end-of-epoch weights fr
      difference).
 ema  Gowal et al. 2020 / Rebuffi et al. 2021: after every optimiser step avg <- d * avg + (1 - d) * w with
      d = 0.999 (with --wa-warmup: d_t = min(d, (1 + t) / (10 + t)), t = updates so far); BatchNorm buffers too.
+wang2023  the EMA of Wang et al. 2023's release (--recipe wang2023): after the optimiser step t (counted from 1 over
+     the whole run) d_t = 0 while t < W (the average is the live model), then min(d, (1 + t - W) / (10 + t - W)),
+     W = 0.025 x epochs x (floor(N / B) + 1), N the data set's full training set (data.TRAIN_IMAGES); the
+     parameters only, d = 0.995; BatchNorm's statistics are the live model's.
 The method files call AveragedModel's own update_parameters (EMA: after every optimiser step; SWA: at the end of
 each epoch from the first milestone, then update_bn below) and save avg.module.state_dict() (no `module.` prefix, no
 n_averaged) with n_averaged beside it.
@@ -22,11 +26,23 @@ import attacks
 import data
 
 
-def averaged(model, mode, decay=0.999, warmup=False):
-    """The weight average of `model`: swa (equal average of the parameters; BatchNorm buffers left to update_bn) or
-    ema (decay d, optionally warmed up as min(d, (1 + t) / (10 + t)); BatchNorm buffers averaged too)."""
+def averaged(model, mode, decay=0.999, warmup=False, release_warmup=0.0):
+    """The weight average of `model`: swa (equal average of the parameters; BatchNorm buffers left to update_bn), ema
+    (decay d, optionally warmed up as min(d, (1 + t) / (10 + t)); BatchNorm buffers averaged too) or wang2023 (the
+    release of Wang et al. 2023: the parameters only, decay 0, the live weights, for the first `release_warmup`
+    optimiser steps, then min(d, (1 + s) / (10 + s)), s the steps since; BatchNorm buffers the live model's)."""
     if mode == "swa":
         return swa_utils.AveragedModel(model)
+    if mode == "wang2023":
+        @torch.no_grad()
+        def delayed(avg_params, params, n):  # n: the optimiser steps taken, this one included (the release's count)
+            s = n.double() - release_warmup
+            d = torch.where(s < 0, 0.0, ((1 + s) / (10 + s)).clamp(max=decay))  # on the device: no host sync
+            for a, p in zip(avg_params, params):
+                a.lerp_(p, (1 - d).to(a.dtype))
+        avg = swa_utils.AveragedModel(model, multi_avg_fn=delayed)  # the buffers: copied from the model every update
+        avg.n_averaged.fill_(1)  # so every update, the first too, applies the formula to the initial weights' copy
+        return avg
 
     @torch.no_grad()
     def warmed_up(avg_params, params, n):
@@ -40,10 +56,13 @@ def averaged(model, mode, decay=0.999, warmup=False):
     return swa_utils.AveragedModel(model, multi_avg_fn=fn, use_buffers=True)
 
 
-def describe(mode, decay, warmup, start, bn):
+def describe(mode, decay, warmup, start, bn, release_warmup=0.0):
     """The weight average in words, for the run's first line (mode None or False: off)."""
     if not mode:
         return "off"
+    if mode == "wang2023":
+        return (f"wang2023 (EMA of the parameters after every step: the live weights for the first {release_warmup:g} "
+                f"steps, then decay min({decay:g}, (1 + s) / (10 + s)); BatchNorm statistics the live model's)")
     if mode == "swa":
         after = ", the first after an lr decay" if start else ""
         return (f"swa (equal average of the end-of-epoch weights from epoch {start + 1}{after}; BatchNorm recomputed "
