@@ -134,7 +134,7 @@ def radius(v, norm="Linf", digits=4):
     return f"{v:.{digits}g}"
 
 
-def describe(name, eps, steps, alpha, norm="Linf", restarts=1, random_start=True):
+def describe(name, eps, alpha, steps, norm="Linf", restarts=1, random_start=True):
     """A PGD or CW attack's settings ("PGD-10 (Linf, eps 8/255, step 2/255, random start, 1 restart)"), printed beside
     every number it produces (eval.py's describe adds its other attacks)."""
     r = f"{restarts} restart" + ("s" if restarts > 1 else "")

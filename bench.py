@@ -46,12 +46,8 @@ PASSES = {"at": 23, "sar": 26, "trades": 27, "mart": 26, "iseat": 29}
 
 @functools.lru_cache(maxsize=None)
 def gflop_per_image(arch, size=32, channels=3):
-    """The network's forward GFLOP for one image, counted by torch.utils.flop_counter on the meta device (shapes
-    only: no weights are drawn, nothing is computed)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as flops, torch.no_grad(), torch.device("meta"):
-        models.get_model(arch, 10, channels).eval()(torch.rand(2, channels, size, size))
-    return flops.get_total_flops() / 2 / 1e9
+    """The network's forward GFLOP for one image (models.gflops: torch's FLOP counter on the meta device)."""
+    return models.gflops(arch, (channels, size, size))
 
 
 def networks_table():
@@ -192,7 +188,8 @@ def main(argv=None):
         k = args.max_batches or (2 if args.quick else 10 if arch.startswith("wrn") else 30)
         for method in args.methods:
             for mode in args.modes:
-                r = run_one(method, arch, mode, args.batch_size, k, args.device, in_process, args.recipe)
+                r = run_one(method, arch, mode, args.batch_size, k, args.device, in_process=in_process,
+                            recipe=args.recipe)
                 res["runs"].setdefault(method, {}).setdefault(arch, {})[mode] = r
                 shown = (f"{r['img_per_s']:.1f} images/s x {r['gflop_per_image']:.3g} GFLOP/image x "
                          f"{r['forward_equivalents']} forward-equivalents = {r['tflops']:.3g} TFLOP/s"
@@ -212,7 +209,8 @@ def main(argv=None):
         tries = args.largest_batch if args.largest_batch is not None else (
             [64, 128] if args.quick else [256, 512, 1024, 2048] + ([] if arch.startswith("wrn") else [4096, 8192]))
         for b in tries:
-            r = run_one("at", arch, lb_mode, b, 2 if args.quick else 5, args.device, in_process, args.recipe)
+            r = run_one("at", arch, lb_mode, b, 2 if args.quick else 5, args.device, in_process=in_process,
+                        recipe=args.recipe)
             print(f"    at {arch:<16} {lb_mode} batch {b:<6} "
                   + (f"{r['img_per_s']:.1f} images/s" if "img_per_s" in r else r["error"]), flush=True)
             if "img_per_s" not in r:

@@ -95,10 +95,11 @@ def repeat_passes(model, x, batch_size=500):
 def verdicts(r, n):
     """The eight checks from per-image results on the same n images. r holds bool tensors: clean, fgsm, pgd, cw,
     strong, unbounded, whitebox (robust to every white-box attack at eps), square (robust to those and to Square),
-    zero_ce, zero_cw; curve_pgd / curve_cw: lists over radii(); r["descs"]: the attacks' descriptions; r["passes"]:
-    repeat_passes' triple. Returns a list of dicts (check, status, gap, threshold, text)."""
+    zero_ce, zero_cw; curve_pgd / curve_cw: lists over radii(); r["labels"]: the attacks' short names (their settings
+    are in the JSON); r["passes"]: repeat_passes' triple. Returns a list of dicts (check, status, gap, threshold,
+    text)."""
     out = []
-    d = {k: v.split(" (")[0] for k, v in r["descs"].items()}  # short names; the settings are in the JSON
+    d = dict(r["labels"])
     d["strong"] += f" x{STRONG_RESTARTS} restarts"
     d["unbounded"] += f" at radius {attacks.radius(r['unbounded_eps'], r['norm'])}"
 

@@ -84,16 +84,16 @@ def read_log(out_dir):
 
 
 def cli(main):
-    """Entry point of eval.py, report.py and bench.py: a SystemExit with a message prints that one line (once
-    under torchrun: every process runs the same checks)."""
+    """Entry point of eval.py, report.py, bench.py and vulnerability.py: a SystemExit with a message, or the modules'
+    InputError, prints that one line (once under torchrun: every process runs the same checks); any other error
+    shows its traceback."""
     try:
         main()
     except KeyboardInterrupt:
         raise SystemExit("interrupted; run the same command again to continue where it stopped") from None
-    except SystemExit as e:
-        if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0":
-            raise SystemExit(1) from None
-        raise
+    except (SystemExit, models.InputError) as e:
+        line = f"error: {e}" if isinstance(e, models.InputError) else e.code
+        raise SystemExit(1 if isinstance(line, str) and os.environ.get("RANK", "0") != "0" else line) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from models import InputError
+
 DATASETS = ("cifar10", "cifar100", "svhn", "tiny_imagenet", "mnist", "fashion_mnist", "synthetic")
 NUM_CLASSES = {"cifar100": 100, "tiny_imagenet": 200}  # 10 for the others
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # 3 for the others
@@ -61,7 +63,7 @@ def load(name, root="data", val_size=1000, device="cpu", pad_mode="zero", rotate
     if shared and dist.get_rank() == 0:
         dist.barrier()
     if not 0 <= val_size < len(tx):
-        raise SystemExit(f"error: --val-size {val_size} must be in [0, {len(tx)}) for {name}")
+        raise InputError(f"--val-size {val_size} must be in [0, {len(tx)}) for {name}")
     perm = torch.randperm(len(tx), generator=torch.Generator().manual_seed(0))
     val_idx, train_idx = perm[:val_size], perm[val_size:].sort().values  # seed 0: every run validates on the same
     d = dict(train_x=tx[train_idx], train_y=ty[train_idx], val_x=tx[val_idx], val_y=ty[val_idx], test_x=sx, test_y=sy)
@@ -79,7 +81,7 @@ def classes_and_channels(name):
 
 
 def _missing(name, root, err):
-    return SystemExit(f"error: {name} not found in {root}/ and it could not be downloaded ({err}); "
+    return InputError(f"{name} not found in {root}/ and it could not be downloaded ({err}); "
                       f"put {SOURCES[name]} in {root}/ or pass --data-dir to where it is")
 
 
@@ -118,13 +120,13 @@ def read_idx(path):
     try:
         raw = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except (OSError, EOFError) as e:
-        raise SystemExit(f"error: {path} is a damaged gzip file ({e}); replace it with an intact copy") from None
+        raise InputError(f"{path} is a damaged gzip file ({e}); replace it with an intact copy") from None
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
-        raise SystemExit(f"error: {path} is not an IDX file of unsigned bytes; replace it with an intact copy")
+        raise InputError(f"{path} is not an IDX file of unsigned bytes; replace it with an intact copy")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3]))
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3])
     if body.size != math.prod(dims):
-        raise SystemExit(f"error: {path} holds {body.size} bytes where its header promises {math.prod(dims)} "
+        raise InputError(f"{path} holds {body.size} bytes where its header promises {math.prod(dims)} "
                          f"(truncated?); replace it with an intact copy")
     return body.reshape(dims)
 
@@ -148,11 +150,11 @@ def _idx_dataset(name, root, download):
         raise _missing(name, root, "the download did not produce the four IDX files")
     tx, ty, sx, sy = (read_idx(p) for p in paths)
     if tx.ndim != 3 or ty.ndim != 1 or len(tx) != len(ty) or sx.ndim != 3 or len(sx) != len(sy):
-        raise SystemExit(f"error: the IDX files in {os.path.dirname(paths[0])} do not hold N x H x W images and N "
+        raise InputError(f"the IDX files in {os.path.dirname(paths[0])} do not hold N x H x W images and N "
                          f"labels; replace them with the official files")
     other = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}[name]
     if ty[:10].tolist() == FIRST_LABELS[other]:
-        raise SystemExit(f"error: the files in {os.path.dirname(paths[0])} are {other}, not {name}; pass --dataset "
+        raise InputError(f"the files in {os.path.dirname(paths[0])} are {other}, not {name}; pass --dataset "
                          f"{other} or point --data-dir at the {name} files")
     return [torch.from_numpy(a.astype(np.int64) if a.ndim == 1 else a[:, None].copy()) for a in (tx, ty, sx, sy)]
 
@@ -180,9 +182,9 @@ def _tiny_imagenet(root, download):
                 test = [(os.path.join(base, "val", "images", p[0]), label[p[1]]) for p in (s.split("\t") for s in f)
                         if len(p) > 1]
         except zipfile.BadZipFile:
-            raise SystemExit(f"error: {archive} is not a valid zip file; delete it and download it again") from None
+            raise InputError(f"{archive} is not a valid zip file; delete it and download it again") from None
         except (OSError, KeyError) as e:
-            raise SystemExit(f"error: {base} does not have the Tiny ImageNet layout ({e}); delete it and unzip "
+            raise InputError(f"{base} does not have the Tiny ImageNet layout ({e}); delete it and unzip "
                              f"tiny-imagenet-200.zip again") from e
         arrays = {}
         for split, items in (("train", train), ("test", test)):
@@ -232,8 +234,8 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
             memory_format=torch.contiguous_format, noise=None, extra=None, extra_per_batch=0):
     """Yields (float images in [0,1], labels, noise) on x's device. `augment`: None, or load()["augment"]. With
     world > 1 every global batch is split across processes (torch.tensor_split, rank order) and process `rank` gets its
-    part: the permutation, the augmentation and `noise` (the random start of a training attack: "uniform" U(0, 1),
-    "normal" N(0, 1), "ball" a point of the unit L2 ball, or None) are drawn for the global batch from `seed`, from a
+    part: the permutation, the augmentation and `noise` (the draw of a training attack's random start: uniform,
+    gaussian or unit_ball below, or None) are drawn for the global batch from `seed`, from a
     generator of their own: the data equal those of one process, whatever the step draws. `extra` (attach_extra's)
     joins extra_per_batch extra images to every global batch of `batch_size` labelled ones, in a permutation drawn
     from `seed` on the CPU (the same images wherever the set lives); the joined batch is shuffled, so that every
@@ -263,13 +265,7 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
                 xb = idbh(xb, augment["idbh"], g)
             elif augment:
                 xb = random_augment(xb, augment["pad"], augment["flip"], augment["pad_mode"], augment["rotate"], g)
-            z = None
-            if noise in ("uniform", "normal"):
-                z = (torch.rand if noise == "uniform" else torch.randn)(xb.shape, device=x.device, generator=g)
-            elif noise == "ball":  # uniform direction, radius uniform in [0, 1] (the L2 random start of Rice et al.)
-                z = torch.randn(xb.shape, device=x.device, generator=g)
-                r = torch.rand(len(xb), device=x.device, generator=g)
-                z = z * (r / z.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *([1] * (z.dim() - 1)))
+            z = None if noise is None else noise(xb.shape, x.device, g)
             if world > 1:
                 xb, yb = xb.tensor_split(world)[rank], yb.tensor_split(world)[rank]
                 z = z.tensor_split(world)[rank] if z is not None else None
@@ -278,6 +274,24 @@ def batches(x, y, batch_size, shuffle=False, augment=None, seed=None, rank=0, wo
     finally:  # the reading thread ends with the epoch, also when the loop is left early
         if mixing and pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def uniform(shape, device=None, generator=None):
+    """U(0, 1) per pixel: the draw of the L-inf random start x + (2u - 1) eps."""
+    return torch.rand(shape, device=device, generator=generator)
+
+
+def gaussian(shape, device=None, generator=None):
+    """N(0, 1) per pixel: the draw of TRADES' and MART's start x + 0.001 z."""
+    return torch.randn(shape, device=device, generator=generator)
+
+
+def unit_ball(shape, device=None, generator=None):
+    """A point of the unit L2 ball per image, uniform direction and radius uniform in [0, 1]: the draw of the L2
+    random start (Rice et al.)."""
+    z = torch.randn(shape, device=device, generator=generator)
+    r = torch.rand(shape[0], device=device, generator=generator)
+    return z * (r / z.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, *([1] * (z.dim() - 1)))
 
 
 def _extra_rows(extra, order, i, n):
@@ -347,7 +361,19 @@ def start_processes(device="cuda", timeout=600.0):
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timeout)
+        # gatherer's all_gather is marked deprecated in favour of a private module; it is the public API that works on
+        # every supported torch: its warning is silenced once, in torchrun's processes only
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated")
     return world, rank, device
+
+
+def lost_contact(e):
+    """A RuntimeError under torchrun: the one error line when a collective failed (gloo's and NCCL's errors say so),
+    else the error itself, raised again with its traceback."""
+    if "WORLD_SIZE" not in os.environ or not any(w in str(e) for w in ("gloo", "NCCL", "onnection", "imed out")):
+        raise e
+    return (f"error: rank {os.environ.get('RANK', '?')} lost contact with the other processes "
+            f"({str(e).strip().splitlines()[0][:120]}); use torchrun --max-restarts N, --resume")
 
 
 def gatherer(n, world):
@@ -356,8 +382,6 @@ def gatherer(n, world):
     each rank computes the same global term from the gathered tensor, rank r gets N times its rows' gradient, and
     DDP's averaging over the N ranks leaves exactly the one-process gradient."""
     from torch.distributed.nn.functional import all_gather
-    # marked deprecated in favour of a private module; it is the public API that works on every supported torch
-    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated")
     sizes = [n // world + (r < n % world) for r in range(world)]  # torch.tensor_split's shares
     m = max(sizes)
 
@@ -402,27 +426,27 @@ def load_extra(path, shape, num_classes, cache_dir="data"):
     """The extra training images of `path` as (N x H x W x C uint8 array-like, int64 labels): checked against the
     data set's image shape (C, H, W) and classes, each problem one line."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --extra-data {path} does not exist")
+        raise InputError(f"--extra-data {path} does not exist")
     if path.endswith(".npz"):
         try:
             with zipfile.ZipFile(path) as z:
                 names = [n[:-4] for n in z.namelist()]
         except zipfile.BadZipFile:
-            raise SystemExit(f"error: {path} is not an .npz file (a zip of .npy arrays)") from None
+            raise InputError(f"{path} is not an .npz file (a zip of .npy arrays)") from None
         if "image" not in names or "label" not in names:
-            raise SystemExit(f"error: {path} holds {', '.join(names)}; the generated-image files hold image and label")
+            raise InputError(f"{path} holds {', '.join(names)}; the generated-image files hold image and label")
         images, labels = _npz_member(path, "image", cache_dir), np.asarray(_npz_member(path, "label", cache_dir))
     else:
         images, labels = _read_pickle(path)
     C, H, W = shape
     if images.ndim != 4 or tuple(images.shape[1:]) != (H, W, C) or images.dtype != np.uint8:
-        raise SystemExit(f"error: {path}: images of shape {tuple(images.shape)} and type {images.dtype}; this data set "
+        raise InputError(f"{path}: images of shape {tuple(images.shape)} and type {images.dtype}; this data set "
                          f"needs N x {H} x {W} x {C} uint8")
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-        raise SystemExit(f"error: {path}: {labels.shape} {labels.dtype} labels for {len(images)} images; give one "
+        raise InputError(f"{path}: {labels.shape} {labels.dtype} labels for {len(images)} images; give one "
                          f"integer label per image")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise SystemExit(f"error: {path}: labels {labels.min()} .. {labels.max()} fall outside the data set's "
+        raise InputError(f"{path}: labels {labels.min()} .. {labels.max()} fall outside the data set's "
                          f"{num_classes} classes")
     return images, torch.from_numpy(labels.astype(np.int64))
 
@@ -432,15 +456,17 @@ def _read_pickle(path):
         def find_class(self, module, name):
             if (module, name) in _ARRAY_GLOBALS:
                 return super().find_class(module, name)
-            raise SystemExit(f"error: refusing to load {path}: the pickle holds {module}.{name}, not only arrays (a "
+            raise InputError(f"refusing to load {path}: the pickle holds {module}.{name}, not only arrays (a "
                              f"pickle is code); save its arrays with numpy.savez(FILE.npz, image=..., label=...)")
     try:
         with open(path, "rb") as f:
             obj = ArraysOnly(f).load()
+    except InputError:  # find_class's refusal, as it is
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: cannot read {path} as a pickle ({str(e)[:100]}); pass the intact file") from None
+        raise InputError(f"cannot read {path} as a pickle ({str(e)[:100]}); pass the intact file") from None
     if not isinstance(obj, dict) or "data" not in obj or "extrapolated_targets" not in obj:
-        raise SystemExit(f"error: {path} holds {type(obj).__name__}"
+        raise InputError(f"{path} holds {type(obj).__name__}"
                          f"{' with keys ' + ', '.join(map(str, obj)) if isinstance(obj, dict) else ''}; Carmon et "
                          f"al.'s pickle is a dict with data and extrapolated_targets")
     return np.asarray(obj["data"]), np.asarray(obj["extrapolated_targets"])
@@ -451,11 +477,11 @@ def _npz_member(path, name, cache_dir):
     def header(f):  # (shape, fortran order, dtype) of an .npy, read with numpy's public readers; numbers only
         version = np.lib.format.read_magic(f)
         if version not in ((1, 0), (2, 0)):
-            raise SystemExit(f"error: {path}: {name} is an .npy of format {version}; save it with numpy.savez")
+            raise InputError(f"{path}: {name} is an .npy of format {version}; save it with numpy.savez")
         shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
                                  np.lib.format.read_array_header_2_0)(f)
         if dtype.hasobject:
-            raise SystemExit(f"error: {path}: {name} holds Python objects, not numbers; save plain arrays")
+            raise InputError(f"{path}: {name} holds Python objects, not numbers; save plain arrays")
         return shape, fortran, dtype
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(name + ".npy")
@@ -640,7 +666,7 @@ def idbh(x, variant, g):
     B, C, H, W = x.shape
     p = idbh_params(B, H, W, variant, g, x.device)
     x = torch.where(_per_image(p["flip"], x), x.flip(-1), x)
-    x = crop_shift(x, p["cx"], p["cy"], p["ox1"], p["oy1"], p["ox2"], p["oy2"])
+    x = crop_shift(x, **{k: p[k] for k in ("cx", "cy", "ox1", "oy1", "ox2", "oy2")})
     out, zero = x, torch.zeros_like(p["shear"])
     for k, op in enumerate(IDBH_OPS):  # every op on the whole batch; each image keeps the one it drew
         if op in COLOUR_RANGES:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 import attacks
 import checks
+from attacks import within
 from cmdline import check_device, check_writable, cli, now, parse_args, require, tidy, write_json
 import data
 import models
@@ -68,11 +69,13 @@ def get_args(argv=None):
     p.add_argument("--arch", default=None, help="for bare state dicts: " + ", ".join(models.ARCHS))
     p.add_argument("--dataset", default=None, help="for bare state dicts: " + ", ".join(data.DATASETS))
     p.add_argument("--data-dir", default=None, help="default: the one the checkpoint was trained with, else data")
-    p.add_argument("--n-examples", type=int, default=10000, help="the first N test images")
-    p.add_argument("--batch-size", type=int, default=500, help="also the chunk whose results are kept as it ends")
+    p.add_argument("--n-examples", type=within("[1, inf)", int), default=10000, help="the first N test images")
+    p.add_argument("--batch-size", type=within("[1, inf)", int), default=500,
+                   help="also the chunk whose results are kept as it ends")
     p.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's training norm, "
                                                                          "else Linf")
-    p.add_argument("--eps", type=attacks.fraction, default=None, help="radius (default 8/255 for Linf, 0.5 for L2)")
+    p.add_argument("--eps", type=within("(0, inf)", attacks.fraction), default=None,
+                   help="radius (default 8/255 for Linf, 0.5 for L2)")
     p.add_argument("--model", default=None, metavar="FILE.py:FUNCTION",
                    help="a network this project does not define: FUNCTION() in FILE.py returns the nn.Module whose "
                         "state dict the checkpoint holds (FILE.py is executed as code; the weights are read with "
@@ -88,10 +91,12 @@ def get_args(argv=None):
     p.add_argument("--additional-data", type=additional_data, default=None, metavar="none|real|synthetic:N",
                    help="--robustbench: the extra training images of a model this project did not train (N: their "
                         "number, e.g. 20M); for this project's checkpoints it is read from their flags")
-    p.add_argument("--alpha", type=attacks.fraction, default=None, help="PGD/CW step (default eps/4)")
-    p.add_argument("--pgd-steps", type=int, default=20)
-    p.add_argument("--cw-steps", type=int, default=30)
-    p.add_argument("--restarts", type=int, default=1, help="PGD/CW restarts (an image must survive all)")
+    p.add_argument("--alpha", type=within("(0, inf)", attacks.fraction), default=None,
+                   help="PGD/CW step (default eps/4)")
+    p.add_argument("--pgd-steps", type=within("[1, inf)", int), default=20)
+    p.add_argument("--cw-steps", type=within("[1, inf)", int), default=30)
+    p.add_argument("--restarts", type=within("[1, inf)", int), default=1,
+                   help="PGD/CW restarts (an image must survive all)")
     p.add_argument("--redo", action="store_true", help="run the attacks again even where their results are stored")
     p.add_argument("--results-dir", default=None, help="write results to DIR/<checkpoint's folder>/ instead")
     p.add_argument("--lowpass", action="store_true", help="clean and PGD accuracy under centred k x k low-pass filters")
@@ -105,11 +110,12 @@ def get_args(argv=None):
                                                          "curve)")
     p.add_argument("--curve", action="store_true", help="accuracy against the radius for PGD and CW (0, eps/4, "
                                                         "eps/2, eps, 2 eps, 4 eps), one picture for all checkpoints")
-    p.add_argument("--checks-n", type=int, default=500, help="the first N test images for --checks and --curve")
-    p.add_argument("--square-queries", type=int, default=checks.SQUARE_QUERIES,
+    p.add_argument("--checks-n", type=within("[1, inf)", int), default=500,
+                   help="the first N test images for --checks and --curve")
+    p.add_argument("--square-queries", type=within("[1, inf)", int), default=checks.SQUARE_QUERIES,
                    help="queries of the black-box check's Square attack (AutoAttack's: 5000)")
     p.add_argument("--curve-out", default=None, help="PNG path of the curve (default: as --spectrum-out)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=within("[0, inf)", int), default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="torchrun: seconds a process waits for the others (a round of AutoAttack chunks can be long)")
@@ -136,16 +142,8 @@ def get_args(argv=None):
     norm = args.norm or "Linf"
     args.eps = args.eps if args.eps is not None else (8 / 255 if norm == "Linf" else 0.5)
     args.alpha = args.alpha if args.alpha is not None else args.eps / 4
-    require(args.n_examples >= 1, f"--n-examples {args.n_examples}: evaluate at least 1 image")
-    require(args.batch_size >= 1, f"--batch-size {args.batch_size}: use a positive batch size, e.g. 500")
-    require(args.eps > 0 and (norm == "L2" or args.eps <= 1),
-                  f"--eps {attacks.radius(args.eps, digits=6)}: L-inf radii are in (0, 1] pixel units (8/255, not 8)")
-    require(args.alpha > 0, f"--alpha {args.alpha:g}: use a positive step")
-    require(args.pgd_steps >= 1 and args.cw_steps >= 1, "--pgd-steps and --cw-steps: use at least 1 step")
-    require(args.restarts >= 1, f"--restarts {args.restarts}: use at least 1")
-    require(args.seed >= 0, f"--seed {args.seed}: use a seed >= 0")
-    require(args.checks_n >= 1, f"--checks-n {args.checks_n}: check at least 1 image, e.g. 500")
-    require(args.square_queries >= 1, f"--square-queries {args.square_queries}: use at least 1, e.g. 5000")
+    require(norm == "L2" or args.eps <= 1,
+            f"--eps {attacks.radius(args.eps, digits=6)}: L-inf radii are in (0, 1] pixel units (8/255, not 8)")
     require(args.attacks or args.lowpass or args.spectrum or args.checks or args.curve,
                   "nothing to do: give --attacks, --checks, --curve, --lowpass or --spectrum")
     check_device(args.device)
@@ -212,9 +210,11 @@ def autoattack(model, x, y, eps=8 / 255, norm="Linf", batch_size=500, seed=0, ve
                 for s in range(0, len(idx), batch_size):  # the library's batches of the robust images
                     b = idx[s:s + batch_size]
                     adv = _aa_component(adversary, attack, x[b], y[b]).detach()
-                    dist = (adv - x[b]).flatten(1)
-                    dist = dist.abs().max(1).values if norm == "Linf" else dist.norm(dim=1)
-                    assert float(dist.max()) <= eps + 1e-5 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+                    gap = (adv - x[b]).flatten(1)
+                    gap = gap.abs().max(1).values if norm == "Linf" else gap.norm(dim=1)
+                    if float(gap.max()) > eps + 1e-5 or float(adv.min()) < 0 or float(adv.max()) > 1:
+                        raise RuntimeError(f"AutoAttack's {attack} returned images outside the {norm} ball of radius "
+                                           f"{eps:g} or the [0, 1] box: a pyautoattack fault; pin pyautoattack==0.2.0")
                     with torch.no_grad():
                         robust[b[model(adv).argmax(1) != y[b]]] = False
                 state["done"] = state["done"] + [attack]
@@ -326,80 +326,64 @@ def load_weights(model, sd, what, arch):
 
 
 def load_model(path, args, device):
-    """Builds the model a checkpoint was trained as and loads its weights; with --mean/--std, the normalisation
-    goes inside it. Returns (model, info dict)."""
+    """Builds the model a checkpoint was trained as and loads its weights: this project's checkpoints name their
+    network and data set; another project's state dict (bare, or under state_dict / model_state_dict / model) takes
+    --arch (or --model) and --dataset. With --mean/--std the normalisation goes inside it. Returns (model, info)."""
     ck = models.load_checkpoint(path)
-    if args.model is not None:  # a network this project does not define
-        require(args.dataset is not None, f"--model needs --dataset (the test images to evaluate {path} on)")
-        require(args.dataset in data.DATASETS,
-                f"unknown dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
-        model, sd = external_model(args.model), ck
-        for key in ("state_dict", "model_state_dict", "model"):  # common wrappers of other projects
-            if isinstance(ck, dict) and isinstance(ck.get(key), dict):
-                sd = ck[key]
-        load_weights(model, sd, path, args.model)
-        info = dict(arch=args.model, dataset=args.dataset, data_dir=args.data_dir or "data", external=True)
-        model = Normalized(model, args.mean, args.std) if args.mean else model
-        return model.to(device).eval(), info
-    if isinstance(ck, dict) and ck.get("format") == models.CKPT_FORMAT:
+    if isinstance(ck, dict) and ck.get("format") == models.CKPT_FORMAT and args.model is None:
         arch, dataset = ck["arch"], ck["dataset"]
         for flag, given, saved in (("--arch", args.arch, arch), ("--dataset", args.dataset, dataset)):
-            if given is not None and given != saved:
-                raise SystemExit(f"error: {path} was trained with {flag} {saved}, not {given}; drop {flag}")
-        if args.weights == "wa":
-            if ck.get("weights") == "wa":
-                sd = ck["model"]
-            elif ck.get("wa_model") is not None and ck.get("wa_n", 0) > 0:
-                sd = ck["wa_model"]
-            elif ck["args"].get("wa"):
-                start = (ck["args"]["milestones"] or [0])[0] + 1
-                raise SystemExit(f"error: {path} holds no averaged weights yet (epoch {ck['epoch']}; "
-                                 f"{ck['args']['wa_mode']} averages from epoch {start}); evaluate --weights model, or "
-                                 f"train past epoch {start - 1}")
-            else:
-                raise SystemExit(f"error: {path} holds no weight average (trained without --wa); drop --weights wa")
-        else:
-            sd = ck["model"]
+            require(given is None or given == saved,
+                    f"{path} was trained with {flag} {saved}, not {given}; drop {flag}")
+        sd = ck["model"] if args.weights == "model" or ck.get("weights") == "wa" else ck.get("wa_model")
+        if sd is None and ck["args"].get("wa"):
+            start = (ck["args"]["milestones"] or [0])[0] + 1
+            raise SystemExit(f"error: {path} holds no averaged weights yet (epoch {ck['epoch']}; "
+                             f"{ck['args']['wa_mode']} averages from epoch {start}); evaluate --weights model, or "
+                             f"train past epoch {start - 1}")
+        require(sd is not None, f"{path} holds no weight average (trained without --wa); drop --weights wa")
         data_dir = args.data_dir or ck["args"].get("data_dir", "data")
-        method = "natural" if ck["args"].get("eps", 1) == 0 else ck["method"]  # --eps 0: no attack in training
         extra = ck["args"].get("extra_data")  # Carmon et al.'s pickle: real images; an .npz: generated ones
-        info = dict(epoch=ck["epoch"], method=method, weights=ck.get("weights", args.weights),
-                    num_classes=ck["num_classes"], in_channels=ck.get("in_channels", 3),
-                    train_eps=ck["args"].get("eps"), train_norm=ck["args"].get("norm", "Linf"),
+        info = dict(epoch=ck["epoch"], method="natural" if ck["args"].get("eps", 1) == 0 else ck["method"],
+                    weights=ck.get("weights", args.weights), num_classes=ck["num_classes"],
+                    in_channels=ck.get("in_channels", 3), train_eps=ck["args"].get("eps"),
+                    train_norm=ck["args"].get("norm", "Linf"),
                     additional=("none", None) if not extra else ("synthetic" if extra.endswith(".npz") else "real",
                                                                  ck.get("extra_images")))
-    else:
-        if args.arch is None or args.dataset is None:
-            raise SystemExit(f"error: {path} is not a checkpoint of this project; pass --arch and --dataset to "
-                             f"read it as a bare state dict")
-        if args.weights == "wa":
-            raise SystemExit(f"error: --weights wa needs a checkpoint of this project; {path} is a bare state dict")
-        require(args.dataset in data.DATASETS,
-                      f"unknown dataset {args.dataset!r}; choose one of {', '.join(data.DATASETS)}")
-        arch, dataset, data_dir = args.arch, args.dataset, args.data_dir or "data"
-        sd = ck
-        for key in ("state_dict", "model_state_dict"):  # common wrappers of other projects
-            if isinstance(ck, dict) and isinstance(ck.get(key), dict):
-                sd = ck[key]
-        info = dict(zip(("num_classes", "in_channels"), data.classes_and_channels(dataset)))
-    model = models.get_model(arch, info["num_classes"], info["in_channels"], dataset=dataset)
+    else:  # another project's weights: a network of models.py (--arch) or one it defines (--model FILE.py:FUNCTION)
+        require(args.model or args.arch, f"{path} is not a checkpoint of this project; pass --arch and --dataset to "
+                                         f"read it as a bare state dict")
+        require(args.dataset is not None, f"--{'model' if args.model else 'arch'} needs --dataset (the test images "
+                                          f"to evaluate {path} on)")
+        require(args.dataset in data.DATASETS, f"unknown dataset {args.dataset!r}; choose one of "
+                                               f"{', '.join(data.DATASETS)}")
+        require(args.weights == "model", f"--weights wa needs a checkpoint of this project; {path} is a bare state "
+                                         f"dict")
+        arch, dataset, data_dir = args.model or args.arch, args.dataset, args.data_dir or "data"
+        sd = next((ck[k] for k in ("state_dict", "model_state_dict", "model") if isinstance(ck, dict) and
+                   isinstance(ck.get(k), dict)), ck)  # the wrappers other projects save under
+        info = dict(zip(("num_classes", "in_channels"), data.classes_and_channels(dataset)), external=bool(args.model))
+    model = external_model(args.model) if args.model else models.get_model(arch, info["num_classes"],
+                                                                           info["in_channels"], dataset=dataset)
     load_weights(model, sd, path, arch)
     info.update(arch=arch, dataset=dataset, data_dir=data_dir)
     model = Normalized(model, args.mean, args.std) if args.mean else model
     return model.to(device).eval(), info
 
 
-def run_folder_checkpoint(path):
-    """A run folder stands for its best.pt (said so); a folder without one is refused, naming what it holds."""
+def run_folder_checkpoints(path):
+    """A run folder stands for its best.pt and, trained with --wa, its wa_best.pt (the weight average at its best),
+    each evaluated and labelled; without either (--val-size 0), for its last.pt. A folder with none is refused."""
     if not os.path.isdir(path):
-        return path
-    best = os.path.join(path, "best.pt")
-    if os.path.isfile(best):
-        print(f"{path} is a run folder: evaluating its best.pt")
-        return best
+        return [path]
+    found = [f for f in ("best.pt", "wa_best.pt") if os.path.isfile(os.path.join(path, f))] or [
+        f for f in ("last.pt",) if os.path.isfile(os.path.join(path, f))]
     held = sorted(f for f in os.listdir(path) if f.endswith(".pt") and ".eval." not in f)
-    raise SystemExit(f"error: {path} is a folder without best.pt; pass one of its checkpoints "
-                     f"({', '.join(held) if held else 'it holds none'})")
+    require(found, f"{path} is a folder without best.pt or last.pt; pass one of its checkpoints "
+                   f"({', '.join(held) if held else 'it holds none'})")
+    print(f"{path} is a run folder: evaluating its " + " and ".join(
+        f + (" (the weight average)" if f == "wa_best.pt" else "") for f in found))
+    return [os.path.join(path, f) for f in found]
 
 
 def fingerprint(path):
@@ -431,8 +415,9 @@ def read_results(json_path, store_path, fp, info):
             raise SystemExit(f"error: cannot read {json_path} ({e}); move it away to start a fresh record") from None
     if os.path.exists(store_path):
         s = models.load_checkpoint(store_path)
-        if isinstance(s, dict) and "attacks" in s:
-            store = s
+        if isinstance(s, dict) and "attacks" in s:  # keyed by settings (files up to 2026-12 by description)
+            store = dict(s, attacks={attack_key(e["spec"], e["n_examples"], e["seed"]): e
+                                     for e in s["attacks"].values()})
     old = (record or {}).get("fingerprint") or store.get("fingerprint")
     if old and old != fp:
         tag = f"epoch{(record or {}).get('epoch', 'unknown')}-{old[:8]}"
@@ -454,7 +439,7 @@ def fgsm(model, x, y, eps=8 / 255, norm="Linf"):
     return attacks.pgd(model, x, y, eps=eps, alpha=eps, steps=1, random_start=False, norm=norm)
 
 
-def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1, queries=None):
+def describe(name, eps, alpha=None, steps=None, norm="Linf", restarts=1, queries=None):
     """An attack's settings, printed beside every number it produces (PGD and CW: attacks.describe)."""
     e = attacks.radius(eps, norm)
     others = {"clean": "clean",
@@ -462,7 +447,7 @@ def describe(name, eps, steps=None, alpha=None, norm="Linf", restarts=1, queries
               "aa": f"AutoAttack standard ({norm}, eps {e})",
               "aa-rand": f"AutoAttack rand ({norm}, eps {e}, APGD-CE and APGD-DLR with EOT over 20 passes)",
               "fgsm": f"FGSM ({norm}, eps {e}, one step of size eps, no random start)"}
-    return others[name] if name in others else attacks.describe(name, eps, steps, alpha, norm, restarts)
+    return others[name] if name in others else attacks.describe(name, eps, alpha, steps, norm, restarts)
 
 
 def spec(name, args, eps=None, steps=None, alpha=None, restarts=None, queries=None):
@@ -475,10 +460,23 @@ def spec(name, args, eps=None, steps=None, alpha=None, restarts=None, queries=No
                 restarts=args.restarts if restarts is None else restarts, queries=queries)
 
 
+# The settings that define each attack (clean: none; PGD and CW: all of spec's): a result is found by these
+DEFINING = {"clean": (), "fgsm": ("norm", "eps"), "aa": ("norm", "eps"), "aa-rand": ("norm", "eps"),
+            "square": ("norm", "eps", "queries")}
+
+
 def attack_key(s, n, seed):
-    desc = describe(s["name"], s["eps"], s["steps"], s["alpha"], s["norm"], s["restarts"], s["queries"])
-    key = f"{desc} | first {n} test images" + ("" if s["name"] == "clean" else f" | seed {seed}")
-    return key, desc
+    """The key an attack's result is stored and found under: the settings that define it (spec s, as numbers), the
+    first n images and the seed; never its description, which is only printed."""
+    fields = [s["name"]] + [f"{k}={s[k]:.8g}" if isinstance(s[k], float) else f"{k}={s[k]}"
+                            for k in DEFINING.get(s["name"], ("norm", "eps", "alpha", "steps", "restarts"))]
+    return "|".join(fields + [f"n={n}"] + ([f"seed={seed}"] if s["name"] != "clean" else []))
+
+
+def label(s):
+    """An attack's short name, for the tables, the check lines and the pictures: PGD-20, CW-30, FGSM, ..."""
+    return {"clean": "clean", "fgsm": "FGSM", "aa": "AutoAttack", "aa-rand": "AutoAttack rand",
+            "square": f"Square-{s['queries']}"}.get(s["name"]) or f"{s['name'].upper()}-{s['steps']}"
 
 
 def chunk_correct(model, s, xb, yb, args, state=None, save=None, rates=None, attack_only=None):
@@ -491,14 +489,13 @@ def chunk_correct(model, s, xb, yb, args, state=None, save=None, rates=None, att
     if name == "fgsm":
         return attacks.correct(model, xb, yb, len(xb), attack=fgsm, eps=s["eps"], norm=s["norm"])
     if name in ("aa", "aa-rand"):
-        return autoattack(model, xb, yb, s["eps"], s["norm"], len(xb), args.seed,
-                                  version="standard" if name == "aa" else "rand",
-                                  log=progress, state=state,
-                                  save=save, rates=rates)
+        return autoattack(model, xb, yb, s["eps"], s["norm"], batch_size=len(xb), seed=args.seed,
+                          version="standard" if name == "aa" else "rand", log=progress, state=state, save=save,
+                          rates=rates)
     if name == "square":
         ok = attack_only.to(yb.device).clone()
         if ok.any():
-            ok[ok.clone()] = square(model, xb[ok], yb[ok], s["eps"], s["norm"], s["queries"], args.seed)
+            ok[ok.clone()] = square(model, xb[ok], yb[ok], s["eps"], s["norm"], queries=s["queries"], seed=args.seed)
         return ok
     ok = torch.ones(len(yb), dtype=torch.bool, device=yb.device)
     for _ in range(s["restarts"]):  # each restart attacks the images still robust
@@ -517,7 +514,9 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
     each. listed: one of the attacks asked for (shown in the results), not only a check's. Returns (key, entry,
     computed): the store entry holds per-image `correct`, per-chunk `done`, the settings and the time spent."""
     n, chunk = len(y), args.batch_size
-    key, desc = attack_key(s, n, args.seed)
+    key = attack_key(s, n, args.seed)
+    desc = describe(s["name"], s["eps"], s["alpha"], s["steps"], s["norm"], restarts=s["restarts"],
+                    queries=s["queries"])
     n_chunks = math.ceil(n / chunk)
     entry = store["attacks"].get(key)
     redo = args.redo and key not in store.setdefault("redone", [])  # once per command, though checks share it
@@ -550,8 +549,9 @@ def run_attack(model, s, x, y, args, store, save, listed=True, attack_only=None)
             torch.manual_seed(args.seed * 1_000_003 + zlib.crc32(s["name"].encode()) + c)
             t_chunk = time.time()
             parts = entry.setdefault("parts", {})  # AutoAttack's per-component progress in the unfinished chunk
-            ok = chunk_correct(model, s, x[st:e], y[st:e], args, parts.setdefault(c, {}), save,
-                               entry.setdefault("rates", {}), None if attack_only is None else attack_only[st:e])
+            ok = chunk_correct(model, s, x[st:e], y[st:e], args, state=parts.setdefault(c, {}), save=save,
+                               rates=entry.setdefault("rates", {}),
+                               attack_only=None if attack_only is None else attack_only[st:e])
             mine = (c, ok.cpu(), time.time() - t_chunk)
         gathered = [mine]
         if world > 1:
@@ -581,8 +581,8 @@ def progress(line):
         sys.stderr.flush()
 
 
-def accuracy(correct):
-    """Per-image flags as the percentage stored and printed."""
+def percent(correct):
+    """Per-image flags as the percentage stored and printed (attacks.accuracy is the training runs' validation)."""
     return round(100 * correct.float().mean().item(), 4)
 
 
@@ -593,7 +593,7 @@ def first_images_of(store, entry):
     if n % chunk:
         return {}
     for e in store["attacks"].values():
-        if (e["attack"] == entry["attack"] and e["seed"] == entry["seed"] and e["chunk"] == chunk
+        if (attack_key(e["spec"], 0, e["seed"]) == attack_key(entry["spec"], 0, entry["seed"]) and e["chunk"] == chunk
                 and e["n_examples"] > n and bool(e["done"][:n // chunk].all())):
             share = n / e["n_examples"]
             return dict(correct=e["correct"][:n].clone(), done=torch.ones(n // chunk, dtype=torch.bool),
@@ -603,7 +603,7 @@ def first_images_of(store, entry):
 
 
 def worst_key(n, norm, eps):
-    return f"worst case ({norm}, eps {attacks.radius(eps, norm)}) | first {n} test images"
+    return f"worst|norm={norm}|eps={eps:.8g}|n={n}" if eps is not None else f"worst|n={n}"
 
 
 def summary(store):
@@ -615,7 +615,7 @@ def summary(store):
         if not bool(e["done"].all()):
             continue
         if e.get("listed", True):
-            results[key] = dict(name=e["name"], attack=e["attack"], accuracy=accuracy(e["correct"]),
+            results[key] = dict(name=e["name"], attack=e["attack"], accuracy=percent(e["correct"]),
                                 n_examples=e["n_examples"], seed=e["seed"], date=e.get("date"), seconds=e["seconds"],
                                 eps=e.get("eps"), norm=e.get("norm"))
         if e["name"] != "clean":
@@ -628,11 +628,11 @@ def summary(store):
         worst = torch.ones(n, dtype=torch.bool)
         for e in used:
             worst &= e["correct"]
-        names = ", ".join(e["attack"].split(" (")[0] + ("" if e["seed"] == used[-1]["seed"] else f" seed {e['seed']}")
+        names = ", ".join(label(e["spec"]) + ("" if e["seed"] == used[-1]["seed"] else f" seed {e['seed']}")
                           + ("" if e.get("listed", True) else " [check]") for e in used)
-        key = worst_key(n, norm, eps) if eps is not None else f"worst case | first {n} test images"
+        key = worst_key(n, norm, eps)
         results[key] = dict(name="worst", attack=f"worst case over: {names} (per image)",
-                            accuracy=accuracy(worst), n_examples=n, seed=None,
+                            accuracy=percent(worst), n_examples=n, seed=None,
                             date=now(), seconds=0.0, eps=eps, norm=norm)
     return results
 
@@ -645,51 +645,50 @@ def run_checks(model, x, y, args, store, save, full):
     used = {}
 
     def run(s, **kw):
-        key, entry, _ = run_attack(model, s, x, y, args, store, save, listed=False, **kw)
+        key, entry, _ = run_attack(model, s, x, y, args, store=store, save=save, listed=False, **kw)
         used[key] = entry
         return entry
     clean = run(spec("clean", args))
-    r = dict(clean=clean["correct"], norm=args.norm, eps=args.eps, radii=rs, descs={})
+    r = dict(clean=clean["correct"], norm=args.norm, eps=args.eps, radii=rs, descs={}, labels={})
+
+    def keep(role, e):  # the role's per-image result, its attack's description (the record) and short name (lines)
+        r[role], r["descs"][role], r["labels"][role] = e["correct"], e["attack"], label(e["spec"])
     if full:
-        e = run(spec("fgsm", args))
-        r["fgsm"], r["descs"]["fgsm"] = e["correct"], e["attack"]
+        keep("fgsm", run(spec("fgsm", args)))
     for name in ("pgd", "cw"):
         r["curve_" + name] = [clean["correct"]]
         for radius in rs[1:]:
             e = run(spec(name, args, eps=radius))
             r["curve_" + name].append(e["correct"])
             if radius == args.eps:
-                r[name], r["descs"][name] = e["correct"], e["attack"]
+                keep(name, e)
     curve = dict(norm=args.norm, eps=args.eps, radii=rs, n_examples=n, seed=args.seed, date=now(),
                  pgd_attack=r["descs"]["pgd"], cw_attack=r["descs"]["cw"],
-                 pgd=[accuracy(t) for t in r["curve_pgd"]], cw=[accuracy(t) for t in r["curve_cw"]])
+                 pgd=[percent(t) for t in r["curve_pgd"]], cw=[percent(t) for t in r["curve_cw"]])
     lines = [f"  robustness curve, first {n} test images: radius "
              + "  ".join(attacks.radius(v, args.norm) for v in rs)]
-    lines += [f"    {curve[k + '_attack'].split(' (')[0]:<8} " + "  ".join(f"{a:.2f}" for a in curve[k]) + " %"
-              for k in ("pgd", "cw")]
+    lines += [f"    {r['labels'][k]:<8} " + "  ".join(f"{a:.2f}" for a in curve[k]) + " %" for k in ("pgd", "cw")]
     if not full:
         return curve, None, lines
     r["unbounded_eps"] = checks.unbounded_radius(args.norm, x.shape[1:])
     for role, s in (("unbounded", spec("pgd", args, eps=r["unbounded_eps"])),
                     ("strong", spec("pgd", args, steps=args.pgd_steps * checks.STRONG_STEPS,
                                     alpha=args.alpha / checks.STRONG_STEPS, restarts=checks.STRONG_RESTARTS))):
-        e = run(s)
-        r[role], r["descs"][role] = e["correct"], e["attack"]
+        keep(role, run(s))
     r["whitebox"] = r["clean"] & r["fgsm"] & r["pgd"] & r["cw"] & r["strong"]
-    e = run(spec("square", args, queries=args.square_queries), attack_only=r["whitebox"])
-    r["square"], r["descs"]["square"] = e["correct"], e["attack"]
+    keep("square", run(spec("square", args, queries=args.square_queries), attack_only=r["whitebox"]))
     r["zero_ce"], r["zero_cw"] = checks.zero_gradients(model, x, y, args.batch_size)
     r["passes"] = checks.repeat_passes(model, x, args.batch_size)
     found = checks.verdicts(r, n)
     warned = [v["check"] for v in found if v["status"] == "WARN"]
     seconds = round(sum(v["seconds"] for v in used.values()), 1)  # the attacks' own time, resumed ones included
-    pgd_seconds = next(v["seconds"] for v in used.values() if v["attack"] == r["descs"]["pgd"])
+    pgd_seconds = used[attack_key(spec("pgd", args), n, args.seed)]["seconds"]
     record = dict(norm=args.norm, eps=args.eps, n_examples=n, seed=args.seed, date=now(), seconds=seconds,
                   warned=warned, checks=found,
-                  attacks={d: accuracy(r[k]) for k, d in r["descs"].items()})
+                  attacks={d: percent(r[k]) for k, d in r["descs"].items()})
     lines.append(f"  gradient-masking checks, first {n} test images ({args.norm}, eps "
                  f"{attacks.radius(args.eps, args.norm)}, seed {args.seed}; their attacks took {seconds:.0f} s, "
-                 f"{r['descs']['pgd'].split(' (')[0]} alone {pgd_seconds:.1f} s):")
+                 f"{r['labels']['pgd']} alone {pgd_seconds:.1f} s):")
     lines += [f"  {v['status']}  {i}. {v['check']}: {v['text']}" for i, v in enumerate(found, 1)]
     lines.append("  " + ("all checks pass" if not warned else f"{len(warned)} of {len(found)} checks warn: the "
                          f"numbers of gradient attacks on this model are not to be trusted as they stand"))
@@ -760,7 +759,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     put = write_json if main_rank else (lambda obj, path: None)  # results are written by one process
     out, spectra, curves, json_paths = {}, [], [], []
-    args.checkpoints = [run_folder_checkpoint(p) for p in args.checkpoints]
+    args.checkpoints = [c for p in args.checkpoints for c in run_folder_checkpoints(p)]
     # every results folder (and the pictures') must be writable before any work starts
     for path in args.checkpoints:
         check_writable(os.path.dirname(result_files(path, args)[0]), "--results-dir")
@@ -802,13 +801,15 @@ def main(argv=None):
                 models.save_checkpoint(store, store_path)
 
         def write():  # results without per-image data (older files) stay; the stored attacks' are brought up to date
-            old = {k: v for k, v in record["results"].items() if v.get("name") != "worst"}
+            stored = {(e["attack"], e["n_examples"], e["seed"]) for e in store["attacks"].values()}
+            old = {k: v for k, v in record["results"].items() if v.get("name") != "worst" and
+                   (v.get("attack"), v.get("n_examples"), v.get("seed")) not in stored}
             record["results"] = {**old, **summary(store)}
             put(record, json_path)
 
         ran = {}
         for name in args.attacks:
-            key, entry, computed = run_attack(model, spec(name, args), x, y, args, store, save)
+            key, entry, computed = run_attack(model, spec(name, args), x, y, args, store=store, save=save)
             write()
             r = record["results"][key]
             ran[name] = r
@@ -820,7 +821,7 @@ def main(argv=None):
             print(f"  {r['attack']}: {r['accuracy']:.2f} %")
         if args.checks or args.curve:
             m = min(args.checks_n, n)
-            curve, found, lines = run_checks(model, x[:m], y[:m], args, store, save, args.checks)
+            curve, found, lines = run_checks(model, x[:m], y[:m], args, store=store, save=save, full=args.checks)
             tag = f"({args.norm}, eps {attacks.radius(args.eps, args.norm)}) | first {m} test images | seed {args.seed}"
             record.setdefault("curve", {})["curve " + tag] = curve
             if found is not None:
@@ -830,12 +831,12 @@ def main(argv=None):
             curves.append((label, args.norm, curve["radii"],
                            curve["pgd"], curve["cw"], info.get("train_eps")))
             ran.update(curve=curve, checks=found)
-        pgd_name = describe("pgd", args.eps, args.pgd_steps, args.alpha, args.norm)
+        pgd_name = describe("pgd", args.eps, args.alpha, args.pgd_steps, args.norm)
         if args.lowpass:
             torch.manual_seed(args.seed)
             ks = spectral.lowpass_ks(x.shape[-1])
-            lp = spectral.lowpass_accuracy(model, x, y, ks, args.eps, args.alpha, args.pgd_steps, args.batch_size,
-                                           window=args.lowpass_window)
+            lp = spectral.lowpass_accuracy(model, x, y, ks, args.eps, args.alpha, steps=args.pgd_steps,
+                                           batch_size=args.batch_size, window=args.lowpass_window)
             print(f"  low-pass k x k ({args.lowpass_window} window)   clean %    PGD %   ({pgd_name}, crafted on "
                   f"unfiltered images)")
             for k, (c, r) in lp.items():
@@ -847,8 +848,8 @@ def main(argv=None):
             put(record, json_path)
         if args.spectrum:
             torch.manual_seed(args.seed)
-            spec_map, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, args.pgd_steps,
-                                                            args.batch_size)
+            spec_map, prof = spectral.perturbation_spectrum(model, x, y, args.eps, args.alpha, steps=args.pgd_steps,
+                                                            batch_size=args.batch_size)
             print("  perturbation spectrum, radial profile (low to high frequency): "
                   + " ".join(f"{v:.3g}" for v in prof.tolist()))
             key = f"{pgd_name} | first {n} test images | seed {args.seed}"
@@ -885,8 +886,7 @@ def main(argv=None):
         print(f"perturbation spectra: {png}")
     if curves and main_rank:
         png = picture_path(json_paths, "curve", args.curve_out)
-        checks.plot_curves(curves, png, names=(describe("pgd", 1, args.pgd_steps, 1).split(" (")[0],
-                                               describe("cw", 1, args.cw_steps, 1).split(" (")[0]))
+        checks.plot_curves(curves, png, names=(label(spec("pgd", args)), label(spec("cw", args))))
         print(f"robustness curve: {png}")
     return out
 

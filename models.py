@@ -22,8 +22,9 @@ DataParallel `module.` or DM-Improves-AT's `module.0.` prefix is stripped, as ev
                          epochs on a CPU, 90.0% after 5)
 Each released network pools with a fixed window that covers its 32-px map exactly; here the pooling is adaptive, the
 same function at 32 px and any other size too.
-Checkpoints: save_checkpoint writes atomically; load_checkpoint reads any file with torch.load(weights_only=True), so
-nothing but tensors and plain values is ever unpickled.
+Bad input raises InputError (one line: the problem and the fix). Checkpoints: save_checkpoint writes atomically;
+load_checkpoint reads any file with torch.load(weights_only=True), so nothing but tensors and plain values is ever
+unpickled.
 """
 import contextlib
 import functools
@@ -40,6 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CKPT_FORMAT = "advtrain-checkpoint-v1"  # what the training scripts write into every checkpoint
+
+
+class InputError(ValueError):
+    """A bad file, flag value or data set, found by models.py or data.py: the message is one line naming the problem
+    and the fix. The programs' entry points (cli) print it as `error: ...`; code that imports the modules can catch
+    it like any ValueError, and nothing here ends the program."""
 
 
 class PreActBlock(nn.Module):
@@ -310,11 +317,36 @@ ARCHS = {  # name: (classes, input channels, data set) -> network
 }
 
 
+def gflops(arch, image_shape=(3, 32, 32)):
+    """The network's forward GFLOPs for one image, counted by torch's FLOP counter on the meta device (shapes only:
+    no weight is drawn, nothing is computed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as flops, torch.no_grad(), torch.device("meta"):
+        get_model(arch, 10, image_shape[0]).eval()(torch.zeros(2, *image_shape))
+    return flops.get_total_flops() / 2 / 1e9
+
+
+CPU_GFLOPS = 300  # what at.py reaches on a 2-core CPU in fp32 (bench.py: 260 to 390 GFLOP/s over the networks)
+
+
+def cpu_note(device, arch, image_shape, steps, images):
+    """On a CPU, a run of more than an hour says so in one line, with the CPU demo as the alternative; it still runs.
+    The estimate: `images` training images with a `steps`-step attack, 2 forward-equivalents a step and 3 for the
+    training pass, at CPU_GFLOPS."""
+    if device.type != "cpu":
+        return
+    hours = gflops(arch, tuple(image_shape)) * (2 * steps + 3) * images / CPU_GFLOPS / 3600
+    if hours > 1:
+        print(f"note: this run takes ~{hours:,.0f} hours on this CPU (its FLOP count at {CPU_GFLOPS} GFLOP/s); a look "
+              f"in minutes: python at.py --dataset fashion_mnist --arch cnn --eps 0.1 --alpha 0.025 --epochs 2 "
+              f"--milestones 1 --max-batches 100 (the README's CPU demo)", flush=True)
+
+
 def get_model(arch, num_classes, in_channels=3, dataset=None):
     """The network `arch` for `num_classes` classes and `in_channels`-channel images; `dataset` names the data set
     whose normalisation constants the SiLU WideResNets hold (the others ignore it)."""
     if arch not in ARCHS:
-        raise SystemExit(f"error: unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise InputError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     return ARCHS[arch](num_classes, in_channels, dataset)
 
 
@@ -373,21 +405,21 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path, mmap=False):
     """torch.load with weights_only=True; every failure is one line naming the problem and the fix."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
+        raise InputError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
-        raise SystemExit(f"error: {path} is empty (0 bytes), not a torch checkpoint; use an intact copy")
+        raise InputError(f"{path} is empty (0 bytes), not a torch checkpoint; use an intact copy")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = (str(e).strip().splitlines() or [""])[0]
         if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
-            raise SystemExit(f"error: refusing to load {path}: it holds Python objects other than tensors and plain "
+            raise InputError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
                              f"values (read with weights_only=True); re-save it as a plain state dict") from None
-        raise SystemExit(f"error: cannot read {path}: not a torch checkpoint ({first[:100]}); "
+        raise InputError(f"cannot read {path}: not a torch checkpoint ({first[:100]}); "
                          f"use an intact copy") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"error: cannot read {path}: the file is truncated or not a torch checkpoint "
+        raise InputError(f"cannot read {path}: the file is truncated or not a torch checkpoint "
                          f"({first[:100]}); use an intact copy") from None
     log = os.path.join(os.path.dirname(path), "log.jsonl")
     if isinstance(ck, dict) and ck.get("format") == CKPT_FORMAT and "optimizer" in ck and "log" not in ck and \

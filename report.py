@@ -85,11 +85,12 @@ def pick_checks(found, radius):
     return max(at, key=lambda c: (c["date"], c["n_examples"])) if at else None
 
 
-def checks_cell(c):
+def checks_cell(c, images=True):
     if c is None:
         return ""
     warned = [str(i) for i, v in enumerate(c["checks"], 1) if v["status"] == "WARN"]
-    return (f"WARN {', '.join(warned)}" if warned else f"all {len(c['checks'])} pass") + f" ({c['n_examples']} images)"
+    return (f"WARN {', '.join(warned)}" if warned else f"all {len(c['checks'])} pass") + (
+        f" ({c['n_examples']} images)" if images else "")
 
 
 def rows_of(run, log):
@@ -177,7 +178,7 @@ def table(rows):
             out.update({name: res["accuracy"] if res else "", f"{name}_attack": res["attack"] if res else "",
                         f"{name}_n": res["n_examples"] if res else ""})
         c = r.get("checks")
-        out.update(checks="" if c is None else checks_cell(c).split(" (")[0], checks_n=c["n_examples"] if c else "")
+        out.update(checks="" if c is None else checks_cell(c, images=False), checks_n=c["n_examples"] if c else "")
         w.writerow(out)
     return md, buf.getvalue()
 

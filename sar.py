@@ -176,7 +176,8 @@ def main(argv=None):
     avg = wa.averaged(model, args.wa_mode, args.wa_decay, args.wa_warmup, warmup) if args.wa else None
     wa_start = args.milestones[0] if args.milestones else 0  # SWA averages from the first lr decay on
     start, best, wa_best, history = check_out(args, rank, model, opt, avg)  # new, or resumed; before any data is read
-    ds = data.load(args.dataset, args.data_dir, args.val_size, device, args.pad_mode, args.rotate, args.augment)
+    ds = data.load(args.dataset, args.data_dir, args.val_size, device, pad_mode=args.pad_mode, rotate=args.rotate,
+                   augment=args.augment)
     extra = data.attach_extra(args.extra_data, ds, device, args.extra_on, args.data_dir) if args.extra_data else None
     n_train = len(ds["train_y"])  # sizes: of each global batch of an epoch, b_lab labelled + b_extra extra images
     b_lab, b_extra, sizes = data.geometry(n_train, args.batch_size, extra, args.extra_fraction, args.max_batches)
@@ -186,9 +187,10 @@ def main(argv=None):
         print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val, {b_extra} extra "
               f"a batch), {device} x {world}, amp={args.amp}, compile={args.compile}, wa=" + wa.describe(
                   args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn, warmup), flush=True)
+        models.cpu_note(device, args.arch, ds["train_x"].shape[1:], args.steps, sum(sizes) * (args.epochs - start))
     # ---- end shared ----
     if rank == 0:
-        attack = attacks.describe("pgd", args.eps, args.steps, args.alpha, args.norm) + " in eval mode" \
+        attack = attacks.describe("pgd", args.eps, args.alpha, args.steps, args.norm) + " in eval mode" \
             if args.eps > 0 else "natural training (no attack)"
         print(f"train: {attack}, SAR lambda {args.sar_lambda} ({args.sar_fft}) from epoch {args.sar_start_epoch + 1}",
               flush=True)
@@ -196,13 +198,11 @@ def main(argv=None):
     for epoch in range(start, args.epochs):
         # ---- shared run code: the epoch's start ----
         net.train()
-        lr, momentum = schedule(args, epoch)  # the epoch's (at.py then sets the lr before every step, as Rice et al.)
-        for group in opt.param_groups:
-            group.update(lr=lr, momentum=momentum)
+        lr, momentum = schedule(args, epoch, opt)  # the epoch's, set (at.py then sets the lr before every step)
         epoch_seed = args.seed * 100_003 + epoch  # 100_003: a prime above any epoch count
         torch.manual_seed(epoch_seed)  # the batches and the step draw from (seed, epoch): a resume repeats the epoch
-        tally = torch.zeros(3, device=device)  # loss, correct, the method's term: summed on the device, read once
-        log, t0 = {}, time.time()  # log: the method's own entries of the log line (train_TERM None: switched off)
+        tally = torch.zeros(3, device=device)  # the loop adds each batch's loss, correct and TERM sums; read once
+        log, t0 = {}, time.time()  # the method's own log entries (train_TERM None: its term was off this epoch)
         # ---- end shared ----
         lam = args.sar_lambda if epoch >= args.sar_start_epoch else 0.0  # before it: plain AT, no clean forward
         if lam == 0:
@@ -210,13 +210,13 @@ def main(argv=None):
         for i, (x, y, noise) in enumerate(data.batches(
                 ds["train_x"], ds["train_y"], b_lab, shuffle=True, augment=ds["augment"], seed=epoch_seed, rank=rank,
                 world=world, max_batches=len(sizes), memory_format=mem, extra=extra, extra_per_batch=b_extra,
-                noise="uniform" if args.norm == "Linf" else "ball")):
+                noise=data.uniform if args.norm == "Linf" else data.unit_ball)):
             # several processes: the DFT runs over the logits of the global batch, gathered with autograd
             gather = data.gatherer(sizes[i], world) if world > 1 else None
             first = models.bn_momentum(model, 1.0 if args.recipe and epoch == i == 0 else None)  # as released
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp), first:
-                loss, logits, reg = sar_objective(net, x, y, args.eps, args.alpha, args.steps, lam, args.sar_fft,
-                                                  noise, gather, args.norm)
+                loss, logits, reg = sar_objective(net, x, y, args.eps, args.alpha, args.steps, lam=lam,
+                                                  fft=args.sar_fft, noise=noise, gather=gather, norm=args.norm)
             # set_to_none=False: the gradients stay in DDP's buckets (new ones may get strides that DDP would copy)
             opt.zero_grad(set_to_none=False)
             loss.backward()
@@ -231,8 +231,9 @@ def main(argv=None):
         train_time, seen = time.time() - t0, sum(sizes)
         if avg is not None and args.wa_mode == "swa" and epoch >= wa_start:  # SWA: the end-of-epoch weights
             avg.update_parameters(model)  # then its BatchNorm statistics, from a pass over (clean or PGD) images
-            wa.update_bn(avg, ds, model, seen, mem, rank, world if args.sync_bn else 1, (
-                args.eps, args.alpha, args.steps, args.norm) if args.wa_bn == "adversarial" else None)
+            bn_attack = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, norm=args.norm)  # --wa-bn adversarial
+            wa.update_bn(avg, ds, model, seen, mem, rank=rank, world=world if args.sync_bn else 1,
+                         attack=bn_attack if args.wa_bn == "adversarial" else None)
         if world > 1:  # sums over all processes; rank 0's BatchNorm statistics to all (without --sync-bn they drift)
             dist.all_reduce(tally)
             for b in [*model.buffers(), *(avg.module.buffers() if avg is not None else [])]:
@@ -240,9 +241,9 @@ def main(argv=None):
         loss_sum, correct, term_sum = tally.tolist()  # the epoch's one host sync
         if rank == 0:  # validation, the log line, the checkpoints
             wa_ready = avg is not None and int(avg.n_averaged) > 0
-            val = lambda m: attacks.accuracy(m, ds["val_x"], ds["val_y"], args.eps, args.alpha, args.val_steps,  # noqa
-                                             args.norm, args.val_loss)
-            (val_clean, val_pgd), (wa_clean, wa_pgd) = val(model), val(avg.module if wa_ready else None)
+            (val_clean, val_pgd), (wa_clean, wa_pgd) = [attacks.accuracy(
+                m, ds["val_x"], ds["val_y"], args.eps, args.alpha, args.val_steps, norm=args.norm, loss=args.val_loss)
+                if m is not None else (None, None) for m in (model, avg.module if wa_ready else None)]
             if TERM:
                 log.setdefault(f"train_{TERM}", term_sum / seen)
             rec = dict(epoch=epoch + 1, lr=lr, momentum=momentum, **log, train_loss=loss_sum / seen,
@@ -258,7 +259,8 @@ def main(argv=None):
             info = dict(format=models.CKPT_FORMAT, method=METHOD, arch=args.arch, dataset=args.dataset,
                         num_classes=ds["num_classes"], in_channels=ds["channels"], epoch=epoch + 1, args=vars(args),
                         metrics=rec, extra_images=0 if extra is None else len(extra["y"]))
-            save = lambda name, **kw: models.save_checkpoint(dict(info, **kw), os.path.join(args.out, name))  # noqa
+            def save(name, **kw):  # OUT/name, atomically
+                models.save_checkpoint(dict(info, **kw), os.path.join(args.out, name))
             score, wa_score = (val_pgd, wa_pgd) if args.eps > 0 else (val_clean, wa_clean)
             if score is not None and score > best:
                 best = score
@@ -274,12 +276,11 @@ def main(argv=None):
         # ---- end shared ----
 
     # ---- shared run code: the end of the run ----
-    if rank == 0 and args.bench:  # bench.py turns this line into TFLOP/s
+    if rank == 0:  # --bench: the images/s (bench.py turns the line into TFLOP/s); else what to evaluate next
         print(f"benchmark: {rec['img_per_s']:.4g} images/s ({METHOD}.py, {args.arch}, {args.dataset}, batch "
-              f"{args.batch_size}, {world} process(es), amp={args.amp}, compile={args.compile})", flush=True)
-    elif rank == 0:
-        print(f"done: {METHOD}.py trained to epoch {args.epochs}; files in {args.out}. Next: python eval.py "
-              f"{os.path.join(args.out, 'best.pt' if args.val_size else 'last.pt')}")
+              f"{args.batch_size}, {world} process(es), amp={args.amp}, compile={args.compile})" if args.bench else
+              f"done: {METHOD}.py trained to epoch {args.epochs}; files in {args.out}. Next: python eval.py {args.out}"
+              f" (its {'best.pt and wa_best.pt' if args.wa else 'best.pt'}, else last.pt)", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     if args.bench:
@@ -297,27 +298,28 @@ def require(ok, message):  # bad input ends in one line naming the problem and t
         raise SystemExit(f"error: {message}")
 
 
-def schedule(args, t):
-    """(lr, momentum) after t epochs (0-based, fractional): --lr x0.1 for each milestone m <= t (first in epoch m + 1);
-    --recipe wang2023: torch's OneCycleLR (2.5 % warm-up, momentum cycled too) stepped once an epoch, as released."""
-    if not args.recipe:
-        return args.lr * 0.1 ** sum(t >= m for m in args.milestones), args.momentum
-    stand_in = torch.optim.SGD([torch.zeros(1)], lr=args.lr, momentum=args.momentum)  # what the scheduler steps
-    cycle = torch.optim.lr_scheduler.OneCycleLR(stand_in, args.lr, total_steps=args.epochs, pct_start=0.025)
-    for _ in range(int(t)):
-        stand_in.step()
-        cycle.step()
-    return stand_in.param_groups[0]["lr"], stand_in.param_groups[0]["momentum"]
+def schedule(args, t, opt):
+    """(lr, momentum) after t epochs (0-based), set in opt's groups: --lr x0.1 per milestone m <= t; --recipe
+    wang2023: what torch's OneCycleLR gives after int(t) steps (it is stepped once an epoch, as released)."""
+    lr, momentum = args.lr * 0.1 ** sum(t >= m for m in args.milestones), args.momentum
+    if args.recipe:
+        stand_in = torch.optim.SGD([torch.zeros(1)], lr=args.lr, momentum=args.momentum)  # what the scheduler steps
+        cycle = torch.optim.lr_scheduler.OneCycleLR(stand_in, args.lr, total_steps=args.epochs, pct_start=0.025)
+        for _ in range(int(t)):
+            stand_in.step()
+            cycle.step()
+        lr, momentum = stand_in.param_groups[0]["lr"], stand_in.param_groups[0]["momentum"]
+    for group in opt.param_groups:
+        group.update(lr=lr, momentum=momentum)
+    return lr, momentum
 
 
-# Wang et al. 2023's train-wa.py command (1M generated images): what --recipe wang2023 sets where no flag is given
 WANG2023 = dict(batch_size=512, lr=0.2, epochs=400, milestones=[], extra_fraction=0.7, val_size=1024, val_steps=40,
-                val_loss="cw", wa=True, wa_mode="wang2023", wa_decay=0.995)
+                val_loss="cw", wa=True, wa_mode="wang2023", wa_decay=0.995)  # train-wa.py's 1M-image command
 
 
 def parse(p, argv, **recipe):
-    """The flags, before any work: argparse checks each one (within, choices); the checks here relate two. --recipe
-    wang2023: WANG2023 and the method's `recipe` values are the defaults (the flags given still win)."""
+    """The flags, before any work: argparse checks each (within, choices), these relate two; --recipe: its defaults."""
     p.error = lambda message: require(False, f"{message} (--help lists the flags)")
     p._negative_number_matcher = re.compile(r"^-\.?\d")  # -1e-4, -8/255: values, not flags (as Python 3.13's argparse)
     a = p.parse_args(argv)
@@ -346,13 +348,13 @@ def parse(p, argv, **recipe):
     return a
 
 
-# The flags that change how a run runs, not what it computes (a resume may change them); the others define it
-HOW = ("epochs", "device", "compile", "amp", "timeout", "save_every", "extra_on", "sync_bn", "data_dir", "out")
+RUN_ONLY = "epochs device compile amp timeout save_every extra_on sync_bn data_dir out".split()
 
 
 def check_out(args, rank, model, opt, avg):
-    """The output folder: writable; a run there is only continued (--resume) as the same experiment (every flag but
-    HOW's as the checkpoint's), whose state it loads. Returns (epochs done, best, wa_best, the log's records so far)."""
+    """The output folder: writable; a run there is only continued (--resume) as the same experiment: the flags that
+    change only how it runs (RUN_ONLY) may change, every other must be the checkpoint's. Loads its state. Returns
+    (epochs done, best, wa_best, the log's records so far)."""
     top = os.path.abspath(args.out)
     while not os.path.exists(top):
         top = os.path.dirname(top)
@@ -367,7 +369,7 @@ def check_out(args, rank, model, opt, avg):
     require(ck["method"] == METHOD, f"{last} holds a run of {ck['method']}.py; pass --out for a new run")
     flags = {k: (ck["args"][k], v) for k, v in vars(args).items() if k != "resume" and ck["args"].get(k, v) != v}
     other = [f"--{k.replace('_', '-')} {a} (given {b})" for k, (a, b) in flags.items()
-             if k not in HOW or k == "epochs" and args.recipe]  # the recipe's one-cycle lr and EMA warm-up span the run
+             if k not in RUN_ONLY or k == "epochs" and args.recipe]  # the recipe's lr and EMA warm-up span the run
     require(not other, f"{last} holds another experiment: {', '.join(other)}; resume with those, or --out a new run")
     if rank == 0:
         changed = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in flags.items())
@@ -384,13 +386,11 @@ def cli(argv=None):
     """The command line: one error line, printed once under torchrun, also from a process that lost the others."""
     try:
         return main(argv)
-    except SystemExit as e:  # under torchrun only rank 0 prints the error line
-        raise SystemExit(1 if isinstance(e.code, str) and os.environ.get("RANK", "0") != "0" else e.code) from None
-    except RuntimeError as e:  # a collective that failed: gloo's and NCCL's errors are RuntimeErrors
-        if "WORLD_SIZE" not in os.environ or not any(w in str(e) for w in ("gloo", "NCCL", "onnection", "imed out")):
-            raise
-        raise SystemExit(f"error: rank {os.environ.get('RANK', '?')} lost contact with the other processes "
-                         f"({str(e).strip().splitlines()[0][:120]}); use torchrun --max-restarts N, --resume") from None
+    except (SystemExit, models.InputError) as e:  # bad input, from here or the modules: under torchrun rank 0 prints
+        line = f"error: {e}" if isinstance(e, models.InputError) else e.code
+        raise SystemExit(1 if isinstance(line, str) and os.environ.get("RANK", "0") != "0" else line) from None
+    except RuntimeError as e:  # a failed collective: one line (data.lost_contact); any other error as it is
+        raise SystemExit(data.lost_contact(e)) from None
 
 
 if __name__ == "__main__":

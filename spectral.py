@@ -52,7 +52,7 @@ def _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
 def lowpass_accuracy(model, x, y, ks, eps, alpha, steps=20, batch_size=500, window="symmetric"):
     """{k: (clean accuracy %, PGD accuracy %)} with the filter applied before the model, PGD crafted unfiltered."""
     hits = {k: [0, 0] for k in ks}
-    for xb, yb, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
+    for xb, yb, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size=batch_size):
         with torch.no_grad():
             for k in ks:
                 hits[k][0] += (model(lowpass(xb, k, window)).argmax(1) == yb).sum().item()
@@ -76,7 +76,7 @@ def radial_profile(spec):
 
 def perturbation_spectrum(model, x, y, eps, alpha, steps=20, batch_size=500):
     total = 0
-    for xb, _, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size):
+    for xb, _, xa in _pgd_batches(model, x, y, eps, alpha, steps, batch_size=batch_size):
         total = total + amplitude_spectrum(xa - xb) * len(xb)
     spec = (total / len(x)).cpu()
     return spec, radial_profile(spec)

@@ -463,15 +463,15 @@ def test_mnist_and_fashion_mnist_idx_files_are_read(tmp_path):
     # the official files of one data set are not read as the other (the file names are the same)
     fm = str(tmp_path / "fm")
     write_mnist_like(fm, first_labels=data.FIRST_LABELS["fashion_mnist"])
-    with pytest.raises(SystemExit, match="are fashion_mnist, not mnist; pass --dataset fashion_mnist"):
+    with pytest.raises(models.InputError, match="are fashion_mnist, not mnist; pass --dataset fashion_mnist"):
         data.load("mnist", fm, download=False)
     # missing or damaged files: one line each
-    with pytest.raises(SystemExit, match="fashion_mnist not found in .*dataset-fashion-mnist"):
+    with pytest.raises(models.InputError, match="fashion_mnist not found in .*dataset-fashion-mnist"):
         data.load("fashion_mnist", str(tmp_path / "empty"), download=False)
     blob = open(os.path.join(flat, data.IDX_NAMES[2] + ".gz"), "rb").read()
     import gzip
     open(os.path.join(flat, data.IDX_NAMES[2] + ".gz"), "wb").write(gzip.compress(gzip.decompress(blob)[:-100]))
-    with pytest.raises(SystemExit, match=r"holds 9308 bytes where its header promises 9408 \(truncated\?\)"):
+    with pytest.raises(models.InputError, match=r"holds 9308 bytes where its header promises 9408 \(truncated\?\)"):
         data.load("fashion_mnist", flat, download=False)
 
 
@@ -482,7 +482,7 @@ def test_debian_fashion_mnist_files_are_read():
     assert ds["train_x"].shape == (59000, 1, 28, 28) and ds["test_x"].shape == (10000, 1, 28, 28)
     assert ds["test_y"][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]  # the official test labels
     assert torch.bincount(ds["test_y"]).tolist() == [1000] * 10
-    with pytest.raises(SystemExit, match="are fashion_mnist, not mnist"):
+    with pytest.raises(models.InputError, match="are fashion_mnist, not mnist"):
         data.load("mnist", FMNIST, download=False)
 
 
@@ -536,7 +536,7 @@ def test_models_shapes_names_and_sizes():
     assert {"conv1.weight", "block1.layer.4.conv2.weight", "block2.layer.0.convShortcut.weight", "bn1.weight",
             "fc.bias"} <= set(keys) and not any(k.startswith("block1.layer.5") for k in keys)
     assert "bn.weight" in models.get_model("preact_resnet18", 100).state_dict()
-    with pytest.raises(SystemExit, match="unknown arch 'resnet50'"):
+    with pytest.raises(models.InputError, match="unknown arch 'resnet50'"):
         models.get_model("resnet50", 10)
 
 
@@ -1045,7 +1045,7 @@ def honest_flags(n=100):
                 curve_pgd=[first(n), first(80), first(60), pgd, first(20), first(0)],
                 curve_cw=[first(n), first(80), first(60), pgd, first(20), first(0)], passes=(0.0, 10.0, 0),
                 norm="Linf", eps=0.1, unbounded_eps=0.5, radii=[0, 0.025, 0.05, 0.1, 0.2, 0.4],
-                descs={k: k.upper() + " (settings)" for k in ("pgd", "cw", "fgsm", "strong", "unbounded", "square")})
+                labels={k: k.upper() for k in ("pgd", "cw", "fgsm", "strong", "unbounded", "square")})
 
 
 def test_check_thresholds_follow_the_stated_rule():
@@ -1107,7 +1107,7 @@ def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, 
     x, y = ds["test_x"][:24].float() / 255, ds["test_y"][:24]
     by_desc = {e["attack"]: e for k, e in store.items() if e["n_examples"] == 24}
     # PGD-3 at eps on the first 24 images was taken from the run on 48 (its first two chunks), not run again
-    pgd_desc = attacks.describe("pgd", 2 / 255, 3, 0.5 / 255)
+    pgd_desc = attacks.describe("pgd", 2 / 255, 0.5 / 255, 3)
     assert by_desc[pgd_desc]["taken_from"] == "the first 24 of its 48 images"
     slow = {}
     for desc, e in by_desc.items():
@@ -1133,14 +1133,14 @@ def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, 
         slow[desc] = torch.cat(ok)
         assert torch.equal(slow[desc], e["correct"]), desc
     strong = [d for d in slow if "5 restarts" in d]
-    assert strong == [attacks.describe("pgd", 2 / 255, 15, 0.1 / 255, restarts=5)]
+    assert strong == [attacks.describe("pgd", 2 / 255, 0.1 / 255, 15, restarts=5)]
     verdict = {v["check"]: v for v in got["checks"]["checks"]}
     acc = lambda t: 100 * t.float().mean().item()  # noqa: E731
     assert verdict["convergence"]["numbers"]["strong"] == pytest.approx(acc(slow[strong[0]]))
     assert verdict["margin vs cross-entropy"]["numbers"]["cw"] == pytest.approx(
-        acc(slow[attacks.describe("cw", 2 / 255, 3, 0.5 / 255)]))
+        acc(slow[attacks.describe("cw", 2 / 255, 0.5 / 255, 3)]))
     assert verdict["unbounded attack"]["numbers"]["unbounded"] == pytest.approx(
-        acc(slow[attacks.describe("pgd", 0.5, 3, 0.125)]))
+        acc(slow[attacks.describe("pgd", 0.5, 0.125, 3)]))
     assert verdict["monotone in the radius"]["numbers"]["pgd"] == pytest.approx(got["curve"]["pgd"], abs=1e-3)
     # Square: on the images every white-box attack at eps left robust, chunk by chunk with AutoAttack's seed
     clean = store["clean | first 24 test images"]["correct"]
@@ -1211,11 +1211,11 @@ def test_eval_keeps_results_resumes_after_a_kill_and_never_mixes_checkpoints(tmp
     real_chunk = evaluate.chunk_correct
 
     def recording_chunk(states):  # the random state each chunk starts from, by (attack, chunk)
-        def chunk(model, s, xb, yb, args, *rest):
+        def chunk(model, s, xb, yb, args, **kw):
             rng = torch.get_rng_state().numpy().tobytes() + (torch.cuda.get_rng_state().numpy().tobytes()
                                                              if ON_CUDA else b"")
             states[(s["name"], round(xb.float().sum().item()))] = hashlib.md5(rng).hexdigest()
-            return real_chunk(model, s, xb, yb, args, *rest)
+            return real_chunk(model, s, xb, yb, args, **kw)
         return chunk
     monkeypatch.setattr(evaluate, "chunk_correct", recording_chunk(ref_states))
     cmd = [ck, "--attacks", "clean", "fgsm", "pgd", "cw", "--n-examples", "48", "--batch-size", "12",
@@ -1302,6 +1302,46 @@ def test_eval_keeps_results_resumes_after_a_kill_and_never_mixes_checkpoints(tmp
 
 def glob_tmp(folder):
     return [p for p in os.listdir(folder) if ".tmp" in p]
+
+
+def test_files_written_before_the_structural_keys_still_load_and_resume(cifar, tmp_path, monkeypatch):
+    """Results as eval.py wrote them until 2026-12 (.eval.pt and .eval.json keyed by the attacks' descriptions, one
+    attack killed half-way) and a last.pt from before --recipe: eval.py resumes the killed attack, recomputes
+    nothing that was done and lists each attack once; the training run resumes."""
+    root, _ = cifar
+    out = tmp_path / "run"
+    at.main(at_args(root, out, "--epochs", "1", "--milestones", "--max-batches", "1"))
+    ck = str(out / "last.pt")
+    flags = ["--attacks", "clean", "pgd", "--n-examples", "16", "--batch-size", "8", "--pgd-steps", "2"]
+    first = ev([ck, *flags])[ck]["results"]
+    old_key = lambda e: e["attack"] + f" | first {e['n_examples']} test images" + (  # noqa: E731
+        "" if e["name"] == "clean" else f" | seed {e['seed']}")
+    store = torch.load(out / "last.eval.pt", weights_only=True)
+    store["attacks"] = {old_key(e): e for e in store["attacks"].values()}
+    pgd = next(e for e in store["attacks"].values() if e["name"] == "pgd")
+    pgd["done"][1] = False  # killed before its second chunk
+    torch.save(store, out / "last.eval.pt")
+    record = json.load(open(out / "last.eval.json"))
+    record["results"] = {(old_key(v) if v["name"] != "worst" else "worst case (Linf, eps 8/255) | first 16 test "
+                          "images"): v for v in record["results"].values()}
+    json.dump(record, open(out / "last.eval.json", "w"))
+    calls = []
+    real = evaluate.chunk_correct
+    monkeypatch.setattr(evaluate, "chunk_correct", lambda model, s, *a, **k: calls.append(s["name"]) or real(
+        model, s, *a, **k))
+    again = ev([ck, *flags])[ck]["results"]
+    assert calls == ["pgd"]  # only the missing chunk
+    assert sorted((v["name"], v["accuracy"]) for v in again.values()) == sorted(
+        (v["name"], v["accuracy"]) for v in first.values())  # each attack once, the same numbers
+    assert all("|n=16" in k for k in again)
+    # a last.pt from before --recipe (no recipe, val_loss, momentum): resumed as the same experiment
+    last = torch.load(out / "last.pt", weights_only=True)
+    for k in ("recipe", "val_loss"):
+        last["args"].pop(k)
+    last["log"] = [{k: v for k, v in r.items() if k != "momentum"} for r in last["log"]]
+    torch.save(last, out / "last.pt")
+    at.main(at_args(root, out, "--epochs", "2", "--milestones", "--max-batches", "1", "--resume"))
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def test_run_folder_hygiene(cifar, tmp_path, capsys):
@@ -1392,6 +1432,13 @@ def test_a_resume_continues_the_same_experiment_or_refuses(cifar, tmp_path, caps
     out = capsys.readouterr().out
     assert "changed flags: --epochs 1 -> 2" in out and torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
     assert ("--device cpu -> cpu" not in out) and (DEV == "cpu" or "--device cuda -> cpu" in out)
+    # the checkpoint a user means: with --wa the end-of-run line names wa_best.pt, and eval.py on the folder
+    # evaluates both, each labelled
+    assert f"Next: python eval.py {run} (its best.pt and wa_best.pt, else last.pt)" in out
+    res = ev([str(run), "--attacks", "clean", "--n-examples", "8"])
+    assert set(res) == {str(run / "best.pt"), str(run / "wa_best.pt")}
+    assert res[str(run / "wa_best.pt")]["weights"] == "wa" and res[str(run / "best.pt")]["weights"] == "model"
+    assert "evaluating its best.pt and wa_best.pt (the weight average)" in capsys.readouterr().out
 
 
 def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, capsys):
@@ -1432,7 +1479,8 @@ def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, 
              "--steps", "3", "--out", str(tmp_path / "adv"), "--device", DEV])
     assert len(crafted) == len(passed) == 1
     training, x, x_adv, a, k = crafted[0]
-    assert not training and a == (8 / 255, 2 / 255, 3) and k["random_start"] is True and k["noise"].shape == x.shape
+    assert not training and (k["eps"], k["alpha"], k["steps"], k["norm"]) == (8 / 255, 2 / 255, 3, "Linf")
+    assert k["random_start"] is True and k["noise"].shape == x.shape
     assert torch.equal(passed[0], x_adv) and 0 < (x_adv - x).abs().max() <= 8 / 255 + 1e-6
 
 
@@ -1517,9 +1565,9 @@ def test_readme_explains_itself():
 
 def one_line_error(fn, *argv, match):
     """fn(argv) must stop with one line 'error: ...' that matches."""
-    with pytest.raises(SystemExit) as e:
-        fn(list(argv))
-    msg = str(e.value.code)
+    with pytest.raises((SystemExit, models.InputError)) as e:  # main() lets the modules' InputError through;
+        fn(list(argv))                                              # cli() prints it as this line
+    msg = str(e.value.code) if isinstance(e.value, SystemExit) else f"error: {e.value}"
     assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
     assert __import__("re").search(match, msg), msg
     return msg
@@ -1546,16 +1594,16 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
     monkeypatch.setattr(tvc, "download_and_extract_archive", offline)
-    with pytest.raises(SystemExit, match=r"cifar100 not found in .*empty/ .*cifar-100-python.tar.gz"):
+    with pytest.raises(models.InputError, match=r"cifar100 not found in .*empty/ .*cifar-100-python.tar.gz"):
         data.load("cifar100", str(tmp_path / "empty"))
     # a run that cannot start leaves no folder behind, also when it fails after the flags (here: no data)
     with pytest.raises(SystemExit, match="cifar100 not found"):  # through the scripts' entry point, as a user runs it
         at.cli(["--dataset", "cifar100", "--data-dir", str(tmp_path / "empty"), "--out",
                 str(tmp_path / "made" / "run"), "--device", DEV])
     assert not (tmp_path / "made").exists()
-    with pytest.raises(SystemExit, match="tiny_imagenet not found"):
+    with pytest.raises(models.InputError, match="tiny_imagenet not found"):
         data.load("tiny_imagenet", str(tmp_path / "empty"), download=False)
-    with pytest.raises(SystemExit, match="--val-size"):
+    with pytest.raises(models.InputError, match="--val-size"):
         data.load("cifar10", root, val_size=10**6)
     # every numeric flag, checked before any work (no data is read, no folder is made)
     for flags, match in ((["--eps", "eight"], r"argument --eps: 'eight' is not a number or a fraction like 8/255"),
@@ -1607,18 +1655,18 @@ def test_bad_inputs_give_one_line_errors(cifar, tmp_path, monkeypatch):
     res = ev([str(run), "--attacks", "clean", "--n-examples", "8"])
     assert str(run / "best.pt") in res
     (tmp_path / "nobest").mkdir()
-    torch.save({}, tmp_path / "nobest" / "last.pt")
-    one_line_error(ev, str(tmp_path / "nobest"), match=r"nobest is a folder without best.pt; pass one of its "
-                                                       r"checkpoints \(last.pt\)")
+    torch.save({}, tmp_path / "nobest" / "epoch_1.pt")
+    one_line_error(ev, str(tmp_path / "nobest"), match=r"nobest is a folder without best.pt or last.pt; pass one of "
+                                                       r"its checkpoints \(epoch_1.pt\)")
     with pytest.raises(ValueError, match="fft='dct'"):
         sar.sar_loss(torch.zeros(2, 3), torch.zeros(2, 3), "dct")
     # eval's flags
-    for flags, match in ((["--n-examples", "0"], r"--n-examples 0: evaluate at least 1 image"),
-                         (["--n-examples", "-5"], r"--n-examples -5"),
-                         (["--batch-size", "0"], r"--batch-size 0"), (["--eps", "8"], r"--eps 8: L-inf radii"),
-                         (["--pgd-steps", "0"], r"--pgd-steps"), (["--restarts", "0"], r"--restarts 0"),
-                         (["--attacks"], r"nothing to do"), (["--checks-n", "0"], r"--checks-n 0: check at least 1"),
-                         (["--checks", "--square-queries", "0"], r"--square-queries 0"),
+    for flags, match in ((["--n-examples", "0"], r"--n-examples: 0 is outside \[1, inf\)"),
+                         (["--n-examples", "-5"], r"--n-examples: -5 is outside"),
+                         (["--batch-size", "0"], r"--batch-size: 0 is outside"), (["--eps", "8"], r"--eps 8: L-inf radii"),
+                         (["--pgd-steps", "0"], r"--pgd-steps"), (["--restarts", "0"], r"--restarts: 0 is outside"),
+                         (["--attacks"], r"nothing to do"), (["--checks-n", "0"], r"--checks-n: 0 is outside \[1, inf\)"),
+                         (["--checks", "--square-queries", "0"], r"--square-queries: 0 is outside"),
                          (["--curve", "--curve-out", "/proc/x/c.png"], r"--curve-out")):
         one_line_error(evaluate.main, str(run / "last.pt"), *flags, match=match)
     # a checkpoint of another architecture
@@ -2451,18 +2499,18 @@ def test_schedules_follow_the_released_scripts_epoch_conventions(cifar, tmp_path
     for epoch in range(200):
         for i in (0, nb - 2, nb - 1):
             t = epoch + (i + 1) / nb
-            assert at.schedule(a, t)[0] == pytest.approx(rice(t)), (epoch, i)
+            assert at.schedule(a, t, opt)[0] == pytest.approx(rice(t)), (epoch, i)
     for module in (trades, mart):
         a = module.get_args(["--released"])
-        assert [module.schedule(a, e - 1)[0] for e in range(1, 77)] == pytest.approx([trades_mart(e) for e in
+        assert [module.schedule(a, e - 1, opt)[0] for e in range(1, 77)] == pytest.approx([trades_mart(e) for e in
                                                                                      range(1, 77)])
         a = module.get_args(["--released", "--epochs", "120"])  # MART's ResNet-18 script: 120 epochs
-        assert [module.schedule(a, e - 1)[0] for e in range(1, 121)] == pytest.approx([trades_mart(e) for e in
+        assert [module.schedule(a, e - 1, opt)[0] for e in range(1, 121)] == pytest.approx([trades_mart(e) for e in
                                                                                       range(1, 121)])
     a = sar.get_args([])
-    assert [sar.schedule(a, e)[0] for e in range(100)] == pytest.approx([from_zero(e, (75, 90)) for e in range(100)])
+    assert [sar.schedule(a, e, opt)[0] for e in range(100)] == pytest.approx([from_zero(e, (75, 90)) for e in range(100)])
     a = iseat.get_args([])
-    assert [iseat.schedule(a, e)[0] for e in range(200)] == pytest.approx([from_zero(e, (100, 150))
+    assert [iseat.schedule(a, e, opt)[0] for e in range(200)] == pytest.approx([from_zero(e, (100, 150))
                                                                            for e in range(200)])
     # at.py sets the lr before every step, as Rice et al.: the last step of the epoch before a milestone already
     # runs at the lower lr (4 epochs, milestones 2 and 3 = Rice's 1/2 and 3/4 of the run)
@@ -2511,8 +2559,10 @@ def test_recipe_schedule_is_torchs_one_cycle_stepped_once_an_epoch(cifar, tmp_pa
         a = at.get_args(["--recipe", "wang2023", "--epochs", str(epochs), "--lr", "0.3"])
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.3, momentum=0.9)
         ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.3, pct_start=0.025, total_steps=epochs)
+        mine = torch.optim.SGD(models.param_groups(models.get_model("cnn", 10), bn_weight_decay=0.0), lr=1.0)
         for e in range(epochs):
-            assert at.schedule(a, e) == (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])
+            want = (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])
+            assert at.schedule(a, e, mine) == want and all((g["lr"], g["momentum"]) == want for g in mine.param_groups)
             opt.step()
             ref.step()
     root, _ = cifar
@@ -2540,7 +2590,7 @@ def test_recipe_schedule_is_torchs_one_cycle_stepped_once_an_epoch(cifar, tmp_pa
             args += ["--resume"]
         at.main(args)
         a = at.get_args(args)
-        want = [at.schedule(a, e) for e in range(5)]
+        want = [at.schedule(a, e, torch.optim.SGD([torch.zeros(1)], lr=1.0)) for e in range(5)]
         log = [json.loads(line) for line in open(out / "log.jsonl")]
         assert [v for r in log for v in (r["lr"], r["momentum"])] == pytest.approx(  # the log: 6 digits
             [v for w in want for v in w], rel=1e-5)
@@ -3092,12 +3142,13 @@ def test_l2_attacks_and_the_unit_ball_start():
         assert (x_adv - x).abs().max() > 0.1  # an L2 step, not an L-inf one of 2/255
     # the L2 random start: a uniform direction at a radius uniform in [0, 1] per image, drawn for the global batch
     xs, ys = torch.zeros(4000, 3, 4, 4, dtype=torch.uint8), torch.zeros(4000, dtype=torch.long)
-    (_, _, z), = data.batches(xs, ys, 4000, noise="ball", seed=3)
+    (_, _, z), = data.batches(xs, ys, 4000, noise=data.unit_ball, seed=3)
     r = z.flatten(1).norm(dim=1)
     assert r.max() <= 1 + 1e-6 and abs(r.mean().item() - 0.5) < 0.02 and abs((r < 0.25).float().mean() - 0.25) < 0.03
     assert abs(z.mean().item()) < 0.01  # no preferred direction
-    halves = [b[2] for k in (0, 1) for b in data.batches(xs[:10], ys[:10], 10, noise="ball", seed=3, rank=k, world=2)]
-    (_, _, whole), = data.batches(xs[:10], ys[:10], 10, noise="ball", seed=3)
+    halves = [b[2] for k in (0, 1)
+              for b in data.batches(xs[:10], ys[:10], 10, noise=data.unit_ball, seed=3, rank=k, world=2)]
+    (_, _, whole), = data.batches(xs[:10], ys[:10], 10, noise=data.unit_ball, seed=3)
     assert torch.equal(torch.cat(halves), whole)
     # pgd's L2 start from the caller's draw: x + eps * z (then the box)
     zero_steps = attacks.pgd(model, x, y, 0.5, 0.1, 0, norm="L2", noise=z[:8, :, :4, :4].repeat(1, 1, 3, 3))
@@ -3439,7 +3490,7 @@ def test_extra_data_files_and_how_batches_mix_them(tmp_path):
     # hold the one-process batch, and neither holds only labelled or only extra images (before the mix, process 0
     # held the 8 labelled images and 2 extra ones, process 1 only extra ones)
     extra = data.attach_extra(str(tmp_path / "mix.npz"), ds, torch.device(DEV), "device", cache)
-    kw = dict(shuffle=True, seed=5, max_batches=5, extra=extra, extra_per_batch=12, noise="uniform")
+    kw = dict(shuffle=True, seed=5, max_batches=5, extra=extra, extra_per_batch=12, noise=data.uniform)
     one = list(data.batches(ds["train_x"][:40], ds["train_y"][:40], 8, **kw))
     two = [list(data.batches(ds["train_x"][:40], ds["train_y"][:40], 8, rank=r, world=2, **kw)) for r in (0, 1)]
     is_extra = lambda x: [any(torch.equal(xi, e) for e in extra_rows) for xi in (x * 255).round().byte().cpu()]  # noqa

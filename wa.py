@@ -72,19 +72,19 @@ def describe(mode, decay, warmup, start, bn, release_warmup=0.0):
 
 def update_bn(avg, ds, model, n, memory_format, rank=0, world=1, attack=None):
     """SWA's BatchNorm pass, torch's update_bn over n training images (what an epoch trains on) in batches of 512
-    (crop + flip; 512 keeps the pass a few large batches). `attack` (eps, alpha, steps, norm): PGD examples of them
-    instead (random start) crafted against `model` in eval mode, the statistics a model trained on adversarial batches
-    only (PGD-AT) was trained with. world > 1 (--sync-bn): this process passes its share of every batch."""
-    attack = attack if attack and attack[0] > 0 else None
-    noise = None if attack is None else "uniform" if attack[3] == "Linf" else "ball"
+    (augmented as the training's; 512 keeps the pass a few large batches). `attack`, a dict of attacks.pgd's eps,
+    alpha, steps and norm: PGD examples instead (random start), crafted against `model` in eval mode, the statistics a
+    model trained on adversarial batches only (PGD-AT) was trained with. world > 1 (--sync-bn): this process passes
+    its share of every batch."""
+    attack = attack if attack and attack["eps"] > 0 else None
+    noise = None if attack is None else data.uniform if attack["norm"] == "Linf" else data.unit_ball
 
     def batches():
         for x, y, z in data.batches(ds["train_x"], ds["train_y"], 512, shuffle=True, augment=ds["augment"], rank=rank,
                                     world=world, max_batches=math.ceil(n / 512), memory_format=memory_format,
                                     noise=noise):
             if attack is not None:
-                eps, alpha, steps, norm = attack
                 with attacks.frozen(model), torch.enable_grad():  # update_bn runs under no_grad
-                    x = attacks.pgd(model, x, y, eps, alpha, steps, random_start=True, norm=norm, noise=z)
+                    x = attacks.pgd(model, x, y, **attack, random_start=True, noise=z)
             yield x, y
     swa_utils.update_bn(batches(), avg.module)
