@@ -64,23 +64,23 @@ def get_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description="The GPU speed table: every method's --bench, in one command")
     p.add_argument("--quick", action="store_true", default=not cuda,
-                   help="the tiny configuration (cnn, batch 32, 2 batches); the default without a GPU")
-    p.add_argument("--methods", nargs="+", default=None, help="default at sar iseat (quick: + trades mart)")
+                   help="the tiny configuration (cnn, batch 32, 2 batches); on without a GPU")
+    p.add_argument("--methods", nargs="+", default=None, help="None: at sar iseat (quick: + trades mart)")
     p.add_argument("--archs", nargs="+", default=None, choices=models.ARCHS,
-                   help="default preact_resnet18 wrn34_10 (quick: cnn)")
+                   help="None: preact_resnet18 wrn34_10 (quick: cnn)")
     p.add_argument("--networks", action="store_true", help="print every network's parameters and GFLOPs, and stop")
     p.add_argument("--recipe", choices=["wang2023"], help="every run with this training recipe (the methods' flag)")
     p.add_argument("--modes", nargs="+", default=None, choices=MODES,
-                   help="default all three (quick: fp32; a CPU has no fast bf16)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 32)")
-    p.add_argument("--max-batches", type=int, default=None, help="timed batches per configuration (default 30, "
+                   help="None: all three (quick: fp32; a CPU has no fast bf16)")
+    p.add_argument("--batch-size", type=int, default=None, help="None: 128 (quick: 32)")
+    p.add_argument("--max-batches", type=int, default=None, help="timed batches per configuration (None: 30, "
                                                                    "WRN 10; quick: 2)")
     p.add_argument("--largest-batch", nargs="*", type=int, default=None,
                    help="batch sizes at.py tries in turn until one does not fit (bf16, or the first of --modes "
                         "without it; default 256 .. 8192, WRN up to 2048; quick: 64 128); empty: skip")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of this device")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--out", default=os.path.join("runs", "bench.json"))
+    p.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--out", default=os.path.join("runs", "bench.json"), help="the JSON of the runs and the tables")
     args = cmdline.parse_args(p, argv)
     q = args.quick
     args.methods = args.methods or (["at", "sar", "iseat", "trades", "mart"] if q else ["at", "sar", "iseat"])

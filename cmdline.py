@@ -1,6 +1,7 @@
 """The command-line plumbing that eval.py, report.py, bench.py and vulnerability.py share: argparse errors as one line,
 flag checks, output folders, JSON written atomically, the entry point. The training scripts carry their own copy of
 the few pieces they need, so that a method file runs with models.py, data.py, attacks.py and wa.py alone."""
+import argparse
 import datetime
 import json
 import math
@@ -19,6 +20,7 @@ def parse_args(parser, argv=None):
     def error(message):
         raise SystemExit(f"error: {message} (--help lists the flags)")
     parser.error = error
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
     if hasattr(parser, "_negative_number_matcher"):  # the method files' pattern (Python 3.13's argparse)
         parser._negative_number_matcher = re.compile(r"^-\.?\d")
     return parser.parse_args(argv)

@@ -41,6 +41,7 @@ SOURCES = {  # what a user must put in --data-dir when it cannot be downloaded
     "fashion_mnist": "the four Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist puts them in /usr/share/"
                      "datasets/fashion-mnist)",
 }
+SYSTEM_DIRS = {"fashion_mnist": ["/usr/share/datasets/fashion-mnist"]}  # Debian's dataset-fashion-mnist package
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # The first ten training labels of the official files: MNIST and Fashion-MNIST use the same file names, so this is how
 # a folder of one is told from the other (a run must not train on Fashion-MNIST under the name mnist).
@@ -132,12 +133,12 @@ def read_idx(path):
 
 
 def _idx_dataset(name, root, download):
-    """The four IDX files in `root` itself (e.g. /usr/share/datasets/fashion-mnist) or in torchvision's layout
-    root/<MNIST|FashionMNIST>/raw, plain or .gz; torchvision downloads them when they are in neither."""
+    """The four IDX files in `root` itself, in torchvision's layout root/<MNIST|FashionMNIST>/raw, plain or .gz, or
+    where a system package put them (SYSTEM_DIRS); torchvision downloads them into root when they are in none."""
     folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
 
     def find():
-        for d in (root, os.path.join(root, folder, "raw")):
+        for d in (root, os.path.join(root, folder, "raw"), *SYSTEM_DIRS.get(name, ())):
             paths = [next((p for p in (os.path.join(d, n), os.path.join(d, n + ".gz")) if os.path.isfile(p)), None)
                      for n in IDX_NAMES]
             if all(paths):

@@ -1,36 +1,23 @@
 """Evaluate any checkpoint: clean, FGSM, PGD-20, CW-30 and AutoAttack accuracy on the test split, and whether
 those numbers can be trusted (--checks: gradient masking; --curve: accuracy against the radius).
 
-    python eval.py runs/at-cifar10-preact_resnet18/best.pt
+    python eval.py runs/at-cifar10-preact_resnet18                 # a run folder: its best.pt (and wa_best.pt)
     python eval.py last.pt --weights wa --attacks clean pgd aa --n-examples 1000
-    python eval.py trades_wrn.pt --arch wrn34_10 --dataset cifar10          # a bare state dict
-    python eval.py iseat.pth --arch wrn34_10_iseat --dataset cifar10         # ISEAT's release: {'state_dict': ...}
-    python eval.py dm.pt --arch wrn28_10_silu --dataset cifar10              # DM-Improves-AT's ({'model_state_dict':
-                                                                             # ...}, module.0. keys) or RobustBench's
-
-The model is in eval() mode with frozen parameters for every attack, in fp32. Every number is printed with its
-attack's settings. Nothing computed is lost:
-  - results go to NAME.eval.json beside the checkpoint (NAME.wa.eval.json for --weights wa; --results-dir DIR puts
-    them in DIR/<folder of the checkpoint>/ instead), one entry per attack, its settings, number of images and date.
-    A new run adds or replaces only the entries of the attacks it ran; an entry is replaced only by the same attack
-    with the same settings on the same images;
-  - each attack's result is written as soon as it is done, and the per-image results of every finished chunk of
-    --batch-size images are kept in NAME.eval.pt: running the same command again after a kill continues where it
-    stopped, and attacks already done are not run again (--redo runs them again). Every chunk draws its randomness
-    from (--seed, attack, chunk), so a resumed evaluation gives the numbers of an uninterrupted one;
-  - the files belong to one checkpoint file (its SHA-256 is stored): when the checkpoint has changed since (a newer
-    best.pt), the old results are moved aside to NAME.eval.epochE-HASH.json/.pt, never mixed with the new ones.
-The `worst case` row counts an image as robust only if it survived every attack stored for the same images at the
-same radius.
-
-    python eval.py runs/at/best.pt --checks               # can its numbers be trusted? gradient-masking checks
-    python eval.py runs/*/best.pt --attacks --curve        # accuracy against the radius, one picture (checks.py)
+    python eval.py trades_wrn.pt --arch wrn34_10 --dataset cifar10   # another project's state dict
+    python eval.py iseat.pth --arch wrn34_10_iseat --dataset cifar10  # ISEAT's release: {'state_dict': ...}
+    python eval.py dm.pt --arch wrn28_10_silu --dataset cifar10       # DM-Improves-AT's (module.0. keys), RobustBench's
+    python eval.py runs/at/best.pt --checks                        # can its numbers be trusted?
     python eval.py at/best.pt sar/best.pt --attacks --lowpass --spectrum   # the spectral analysis (spectral.py)
 
---checks and --curve run on the first --checks-n (500) of the images; their attacks are stored, resumed and shared
-like the others (an attack on the first 500 images is taken from the same attack on more images where the chunks
-hold them). A picture of one checkpoint goes beside its results, of several in their common folder, or for several
-run folders in the report folder beside them (report.py's); --curve-out / --spectrum-out choose.
+The model is in eval() mode with frozen parameters for every attack, in fp32; every number is printed with its
+attack's settings. Nothing computed is lost: each attack's result goes to NAME.eval.json beside the checkpoint as
+soon as it is done, stored under the settings that define it (attack_key), and the per-image results of every
+finished chunk of --batch-size images to NAME.eval.pt, so the same command after a kill continues where it stopped
+and does not run again what is done (--redo does); each chunk draws its randomness from (--seed, attack, chunk), so
+a resumed evaluation gives the numbers of an uninterrupted one. The files belong to one checkpoint file (its SHA-256
+is stored): results of an older file are moved aside, never mixed in. The `worst case` row counts an image robust
+only if it survived every attack stored for the same images at the same radius. --checks and --curve run on the
+first --checks-n (500) images, their attacks stored and shared like the others. docs/evaluation.md says more.
 """
 import argparse
 import hashlib
@@ -68,14 +55,14 @@ def get_args(argv=None):
     p.add_argument("--weights", default="model", choices=["model", "wa"], help="raw weights or the weight average")
     p.add_argument("--arch", default=None, help="for bare state dicts: " + ", ".join(models.ARCHS))
     p.add_argument("--dataset", default=None, help="for bare state dicts: " + ", ".join(data.DATASETS))
-    p.add_argument("--data-dir", default=None, help="default: the one the checkpoint was trained with, else data")
+    p.add_argument("--data-dir", default=None, help="None: the one the checkpoint was trained with, else data")
     p.add_argument("--n-examples", type=within("[1, inf)", int), default=10000, help="the first N test images")
     p.add_argument("--batch-size", type=within("[1, inf)", int), default=500,
                    help="also the chunk whose results are kept as it ends")
-    p.add_argument("--norm", default=None, choices=["Linf", "L2"], help="default: the checkpoint's training norm, "
+    p.add_argument("--norm", default=None, choices=["Linf", "L2"], help="None: the checkpoint's training norm, "
                                                                          "else Linf")
     p.add_argument("--eps", type=within("(0, inf)", attacks.fraction), default=None,
-                   help="radius (default 8/255 for Linf, 0.5 for L2)")
+                   help="radius (None: 8/255 for Linf, 0.5 for L2)")
     p.add_argument("--model", default=None, metavar="FILE.py:FUNCTION",
                    help="a network this project does not define: FUNCTION() in FILE.py returns the nn.Module whose "
                         "state dict the checkpoint holds (FILE.py is executed as code; the weights are read with "
@@ -92,9 +79,9 @@ def get_args(argv=None):
                    help="--robustbench: the extra training images of a model this project did not train (N: their "
                         "number, e.g. 20M); for this project's checkpoints it is read from their flags")
     p.add_argument("--alpha", type=within("(0, inf)", attacks.fraction), default=None,
-                   help="PGD/CW step (default eps/4)")
-    p.add_argument("--pgd-steps", type=within("[1, inf)", int), default=20)
-    p.add_argument("--cw-steps", type=within("[1, inf)", int), default=30)
+                   help="PGD/CW step (None: eps/4)")
+    p.add_argument("--pgd-steps", type=within("[1, inf)", int), default=20, help="PGD's steps")
+    p.add_argument("--cw-steps", type=within("[1, inf)", int), default=30, help="CW's steps (the SAR paper's 30)")
     p.add_argument("--restarts", type=within("[1, inf)", int), default=1,
                    help="PGD/CW restarts (an image must survive all)")
     p.add_argument("--redo", action="store_true", help="run the attacks again even where their results are stored")
@@ -104,7 +91,7 @@ def get_args(argv=None):
                    help="symmetric: |f| <= k/2 on both axes ((k+1) x (k+1) for even k, a real filter); kxk: exactly "
                         "the k x k centred frequencies of the paper's 'k x k patch', real part of the inverse")
     p.add_argument("--spectrum", action="store_true", help="mean amplitude spectrum of PGD perturbations (+ PNG)")
-    p.add_argument("--spectrum-out", default=None, help="PNG path (default: beside the results, or for several "
+    p.add_argument("--spectrum-out", default=None, help="PNG path (None: beside the results, or for several "
                                                           "checkpoints in the report folder beside their runs)")
     p.add_argument("--checks", action="store_true", help="the eight gradient-masking checks, PASS / WARN (and the "
                                                          "curve)")
@@ -114,9 +101,9 @@ def get_args(argv=None):
                    help="the first N test images for --checks and --curve")
     p.add_argument("--square-queries", type=within("[1, inf)", int), default=checks.SQUARE_QUERIES,
                    help="queries of the black-box check's Square attack (AutoAttack's: 5000)")
-    p.add_argument("--curve-out", default=None, help="PNG path of the curve (default: as --spectrum-out)")
-    p.add_argument("--seed", type=within("[0, inf)", int), default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--curve-out", default=None, help="PNG path of the curve (None: as --spectrum-out)")
+    p.add_argument("--seed", type=within("[0, inf)", int), default=0, help="chunks draw from (seed, attack, chunk)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="torchrun: seconds a process waits for the others (a round of AutoAttack chunks can be long)")
     args = parse_args(p, argv)
@@ -785,7 +772,7 @@ def main(argv=None):
         sets += [f"--checks/--curve on the first {min(args.checks_n, n)}"] if args.checks or args.curve else []
         print(f"{path}: {info['arch']} ({info.get('method', 'state dict')}, {weights} weights, "
               f"epoch {info.get('epoch', '?')}), {info['dataset']} test, " + "; ".join(sets))
-        label = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)) + (
+        shown_as = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path)) + (
             " (wa)" if args.weights == "wa" else "")  # in the pictures
         # one process reads (and moves aside the results of an older checkpoint file), every process gets the same
         got = [read_results(json_path, store_path, fp, dict(checkpoint=path, **info)) if main_rank else None]
@@ -794,7 +781,7 @@ def main(argv=None):
         record, store = got[0]
         store["redone"] = []  # the attacks this command has run afresh
         if main_rank:
-            models.remove_stale_temp_files(os.path.dirname(json_path))
+            models.tidy_folder(os.path.dirname(json_path))
 
         def save():  # per-image results after every chunk, the JSON view after every attack; both atomic, by one
             if main_rank:  # process
@@ -828,7 +815,7 @@ def main(argv=None):
                 record.setdefault("checks", {})["checks " + tag] = found
             write()
             print("\n".join(lines), flush=True)
-            curves.append((label, args.norm, curve["radii"],
+            curves.append((shown_as, args.norm, curve["radii"],
                            curve["pgd"], curve["cw"], info.get("train_eps")))
             ran.update(curve=curve, checks=found)
         pgd_name = describe("pgd", args.eps, args.alpha, args.pgd_steps, args.norm)
@@ -857,7 +844,7 @@ def main(argv=None):
                 attack=pgd_name, n_examples=n, seed=args.seed, date=now(),
                 amplitude=tidy(spec_map.tolist(), 5), radial_profile=tidy(prof.tolist(), 5))
             put(record, json_path)
-            spectra.append((label, spec_map, prof))
+            spectra.append((shown_as, spec_map, prof))
         if args.robustbench:
             m = min(args.checks_n, n)  # what RobustBench requires of a model, measured on the first images
             zero_ce, zero_cw = checks.zero_gradients(model, x[:m], y[:m], args.batch_size)

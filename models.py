@@ -378,7 +378,7 @@ def bn_momentum(model, momentum):
 
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temp file beside `path` (NAME.tmpPID), fsync, rename: a write killed at any moment leaves
-    `path` as it was, and a temp file that remove_stale_temp_files removes."""
+    `path` as it was, and a temp file that tidy_folder removes."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, mode) as f:
         write(f)
@@ -387,9 +387,10 @@ def atomic_write(path, write, mode="wb"):
     os.replace(tmp, path)
 
 
-def remove_stale_temp_files(folder):
-    """Removes the temp files atomic_write left in `folder` when it was killed: NAME.tmpPID whose process is gone
-    (a live process's write in progress, e.g. eval.py's beside a checkpoint, is left alone)."""
+def tidy_folder(folder):
+    """Creates `folder` if need be and removes the temp files atomic_write left there when it was killed: NAME.tmpPID
+    whose process is gone (a live process's write in progress, e.g. eval.py's beside a checkpoint, is left alone)."""
+    os.makedirs(folder, exist_ok=True)
     for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):
         pid = tmp.rpartition(".tmp")[2]
         if pid.isdigit() and os.path.isdir("/proc") and not os.path.exists(f"/proc/{pid}"):

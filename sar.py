@@ -101,18 +101,18 @@ def sar_objective(model, x, y, eps=8 / 255, alpha=2 / 255, steps=10, lam=0.1, ff
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="SAR: PGD-AT + spectral alignment regularisation (Huang et al. 2023)")
     # ---- shared run code: the flags ----
-    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--arch", default="preact_resnet18", choices=models.ARCHS)
-    p.add_argument("--epochs", type=within("[1, inf)", int))
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS, help="the data set (see data.py)")
+    p.add_argument("--data-dir", default="data", help="where the data set is, or is downloaded to")
+    p.add_argument("--arch", default="preact_resnet18", choices=models.ARCHS, help="the network (see models.py)")
+    p.add_argument("--epochs", type=within("[1, inf)", int), help="training epochs")
     p.add_argument("--milestones", type=within("[1, inf)", int), nargs="*", help="lr x0.1 after each of these epochs")
-    p.add_argument("--lr", type=within("(0, inf)"), default=0.1)
-    p.add_argument("--momentum", type=within("[0, 1)"), help="SGD momentum (default 0.9; --recipe cycles it)")
+    p.add_argument("--lr", type=within("(0, inf)"), default=0.1, help="SGD's lr (the recipe's peak)")
+    p.add_argument("--momentum", type=within("[0, 1)"), help="SGD momentum (None: 0.9; --recipe cycles it)")
     p.add_argument("--wd", type=within("[0, inf)"), default=5e-4, help="weight decay")
     p.add_argument("--batch-size", type=within("[1, inf)", int), default=128, help="global batch, split over processes")
     p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model of training and validation")
-    p.add_argument("--eps", type=within("[0, inf)", attacks.fraction), help="radius (default: Linf 8/255, L2 128/255)")
-    p.add_argument("--alpha", type=within("(0, inf)", attacks.fraction), help="PGD step (default: 2/255, L2 15/255)")
+    p.add_argument("--eps", type=within("[0, inf)", attacks.fraction), help="radius (None: Linf 8/255, L2 128/255)")
+    p.add_argument("--alpha", type=within("(0, inf)", attacks.fraction), help="PGD step (None: Linf 2/255, L2 15/255)")
     p.add_argument("--steps", type=within("[0, inf)", int), default=10, help="PGD steps of the training attack")
     p.add_argument("--val-steps", type=within("[1, inf)", int), help="PGD steps of validation")
     p.add_argument("--val-size", type=within("[0, inf)", int), help="held-out training images for choosing best.pt")
@@ -121,18 +121,19 @@ def get_args(argv=None):
     p.add_argument("--pad-mode", default="zero", choices=["zero", "reflect"], help="padding of the random crop")
     p.add_argument("--rotate", type=within("[0, 180]"), default=0.0, help="random rotation, max degrees (Rice: 15)")
     p.add_argument("--extra-data", metavar="FILE", help="extra images: Carmon et al.'s .pickle or a generated .npz")
-    p.add_argument("--extra-fraction", type=within("(0, 1)"), help="int(f B) of a batch are extra (default: B + B)")
+    p.add_argument("--extra-fraction", type=within("(0, 1)"), help="int(f B) of a batch are extra (None: B + B)")
     p.add_argument("--extra-on", default="auto", choices=["auto", "device", "host"], help="where the extra set lives")
     p.add_argument("--wa", action="store_true", help="keep a weight average (see wa.py), validated and saved too")
-    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa", "wang2023"])
-    p.add_argument("--wa-decay", type=within("(0, 1)"), default=0.999)
+    p.add_argument("--wa-mode", default="ema", choices=["ema", "swa", "wang2023"], help="the average (see wa.py)")
+    p.add_argument("--wa-decay", type=within("(0, 1)"), default=0.999, help="the EMA's decay")
     p.add_argument("--wa-warmup", action="store_true", help="EMA decay min(d, (1+t)/(10+t))")
     p.add_argument("--wa-bn", default="clean", choices=["clean", "adversarial"], help="images of SWA's BatchNorm pass")
     p.add_argument("--save-every", type=within("[1, inf)", int), metavar="K", help="keep epoch_N.pt every K epochs")
-    p.add_argument("--out", help=f"output folder (default runs/{METHOD}-DATASET-ARCH)")
+    p.add_argument("--out", help=f"output folder (None: runs/{METHOD}-DATASET-ARCH)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--seed", type=within("[0, inf)", int), default=0)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=within("[0, inf)", int), default=0, help="the weights' and every epoch's draws")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torchrun: each process the GPU of its LOCAL_RANK")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for training (validation stays fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--max-batches", type=within("[1, inf)", int), help="stop each epoch after this many batches")
@@ -182,8 +183,7 @@ def main(argv=None):
     n_train = len(ds["train_y"])  # sizes: of each global batch of an epoch, b_lab labelled + b_extra extra images
     b_lab, b_extra, sizes = data.geometry(n_train, args.batch_size, extra, args.extra_fraction, args.max_batches)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)  # only now: a run that cannot start leaves no folder
-        models.remove_stale_temp_files(args.out)  # the temp files of writes that were killed
+        models.tidy_folder(args.out)  # made only now (a run that cannot start leaves none); killed writes' temp files
         print(f"{METHOD}.py: {args.arch} on {args.dataset} ({n_train} train, {len(ds['val_y'])} val, {b_extra} extra "
               f"a batch), {device} x {world}, amp={args.amp}, compile={args.compile}, wa=" + wa.describe(
                   args.wa and args.wa_mode, args.wa_decay, args.wa_warmup, wa_start, args.wa_bn, warmup), flush=True)
@@ -322,6 +322,7 @@ def parse(p, argv, **recipe):
     """The flags, before any work: argparse checks each (within, choices), these relate two; --recipe: its defaults."""
     p.error = lambda message: require(False, f"{message} (--help lists the flags)")
     p._negative_number_matcher = re.compile(r"^-\.?\d")  # -1e-4, -8/255: values, not flags (as Python 3.13's argparse)
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
     a = p.parse_args(argv)
     if a.recipe:
         p.set_defaults(**{k: v for k, v in {**WANG2023, **recipe}.items() if k != "extra_fraction" or a.extra_data})
@@ -343,8 +344,7 @@ def parse(p, argv, **recipe):
     if any(m >= a.epochs for m in a.milestones) and not a.bench and os.environ.get("RANK", "0") == "0":
         print(f"note: --milestones {ms} with --epochs {a.epochs}: the lr decays only after the milestones below it")
     if a.bench:
-        a.epochs, a.max_batches, a.val_size = 2, a.max_batches or 20, 0
-        a.out, a.resume = tempfile.mkdtemp(prefix="bench-"), False
+        a.epochs, a.max_batches, a.val_size, a.out, a.resume = 2, a.max_batches or 20, 0, tempfile.mkdtemp(), False
     return a
 
 

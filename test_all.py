@@ -11,6 +11,7 @@ patched to the synthetic files' own. One test trains on real Fashion-MNIST image
 dataset-fashion-mnist package is installed (.ci/run installs it). Every formula is compared with a slow, obvious
 computation.
 """
+import argparse
 import copy
 import hashlib
 import json
@@ -439,7 +440,7 @@ def write_mnist_like(folder, first_labels=None, n_train=30, n_test=12, gz=True, 
     return arrays
 
 
-def test_mnist_and_fashion_mnist_idx_files_are_read(tmp_path):
+def test_mnist_and_fashion_mnist_idx_files_are_read(tmp_path, monkeypatch):
     from torchvision.datasets.mnist import read_image_file, read_label_file
     # Debian's layout: the four .gz files in one folder, read without any download or checksum
     flat = str(tmp_path / "flat")
@@ -465,7 +466,8 @@ def test_mnist_and_fashion_mnist_idx_files_are_read(tmp_path):
     write_mnist_like(fm, first_labels=data.FIRST_LABELS["fashion_mnist"])
     with pytest.raises(models.InputError, match="are fashion_mnist, not mnist; pass --dataset fashion_mnist"):
         data.load("mnist", fm, download=False)
-    # missing or damaged files: one line each
+    # missing or damaged files: one line each (with no system package's files either)
+    monkeypatch.setattr(data, "SYSTEM_DIRS", {"fashion_mnist": [str(tmp_path / "no-package")]})
     with pytest.raises(models.InputError, match="fashion_mnist not found in .*dataset-fashion-mnist"):
         data.load("fashion_mnist", str(tmp_path / "empty"), download=False)
     blob = open(os.path.join(flat, data.IDX_NAMES[2] + ".gz"), "rb").read()
@@ -477,8 +479,10 @@ def test_mnist_and_fashion_mnist_idx_files_are_read(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"no Fashion-MNIST files in {FMNIST} "
                     "(apt-get install dataset-fashion-mnist)")
-def test_debian_fashion_mnist_files_are_read():
+def test_debian_fashion_mnist_files_are_read(tmp_path):
     ds = data.load("fashion_mnist", FMNIST, val_size=1000, download=False)
+    found = data.load("fashion_mnist", str(tmp_path / "no-data-here"), val_size=1000, download=False)  # the package's
+    assert torch.equal(found["test_x"], ds["test_x"])  # files are found without --data-dir
     assert ds["train_x"].shape == (59000, 1, 28, 28) and ds["test_x"].shape == (10000, 1, 28, 28)
     assert ds["test_y"][:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]  # the official test labels
     assert torch.bincount(ds["test_y"]).tolist() == [1000] * 10
@@ -694,6 +698,10 @@ def test_authors_networks_hold_the_released_keys_and_load_strictly():
     assert "layer1.block1.shortcut.0.weight" not in models.get_model("wrn34_10_iseat", 10).to("meta").state_dict()
     sd = models.get_model("wrn28_10_silu", 10).state_dict()
     assert "layer.1.block.0.shortcut.weight" in sd and "layer.1.block.1.shortcut.weight" not in sd
+    # a RobustBench claim names every network as the boards do (Wang2023Better_WRN-28-10: "WideResNet-28-10")
+    assert set(evaluate.ARCH_NAMES) == set(models.ARCHS) and evaluate.ARCH_NAMES["wrn28_10_silu"] == "WideResNet-28-10"
+    assert evaluate.ARCH_NAMES["wrn70_16_silu"] == "WideResNet-70-16" and evaluate.ARCH_NAMES["wrn34_10_iseat"] == \
+        "WideResNet-34-10"
     # DM-Improves-AT's file: {'model_state_dict': ...} with module.0. keys; loads strictly once eval.py strips them
     wrapped = {"module.0." + k: v for k, v in sd.items()}
     m = models.get_model("wrn28_10_silu", 10)
@@ -1143,7 +1151,7 @@ def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, 
         acc(slow[attacks.describe("pgd", 0.5, 0.125, 3)]))
     assert verdict["monotone in the radius"]["numbers"]["pgd"] == pytest.approx(got["curve"]["pgd"], abs=1e-3)
     # Square: on the images every white-box attack at eps left robust, chunk by chunk with AutoAttack's seed
-    clean = store["clean | first 24 test images"]["correct"]
+    clean = store["clean|n=24"]["correct"]  # keyed by the attack's settings
     wb = clean & torch.stack([t for d, t in slow.items() if "eps 2/255" in d]).all(0)
     broken = 0
     for c in range(2):
@@ -1185,8 +1193,8 @@ def test_checks_numbers_are_the_attacks_own_and_are_kept(tmp_path, monkeypatch, 
     assert [v["numbers"] for v in resumed["checks"][:7]] == [v["numbers"] for v in got["checks"]["checks"][:7]]
     # --redo runs every attack once, though the checks share the ones asked for
     seen, real_chunk = [], evaluate.chunk_correct
-    monkeypatch.setattr(evaluate, "chunk_correct", lambda m, s, xb, *a: seen.append(
-        (str(s), float(xb.float().sum()))) or real_chunk(m, s, xb, *a))
+    monkeypatch.setattr(evaluate, "chunk_correct", lambda m, s, xb, *a, **k: seen.append(
+        (str(s), float(xb.float().sum()))) or real_chunk(m, s, xb, *a, **k))
     ev([ck, "--attacks", "clean", "pgd", "--redo"] + flags)
     assert len(seen) == len(set(seen)) and len({s for s, _ in seen}) == 15  # clean, PGD, FGSM, 5 + 5 curve, 3 more
 
@@ -1441,6 +1449,29 @@ def test_a_resume_continues_the_same_experiment_or_refuses(cifar, tmp_path, caps
     assert "evaluating its best.pt and wa_best.pt (the weight average)" in capsys.readouterr().out
 
 
+def test_a_cpu_run_of_hours_says_so_and_still_runs(cifar, tmp_path, monkeypatch, capsys):
+    """On a CPU a run whose FLOP count at models.CPU_GFLOPS exceeds an hour says so in one line at its start, with
+    the CPU demo's command; a short one says nothing."""
+    flops = models.gflops("preact_resnet18", (3, 32, 32))
+    assert flops == pytest.approx(1.11, abs=0.01)  # torch's FLOP counter, as bench.py --networks
+    models.cpu_note(torch.device("cpu"), "preact_resnet18", (3, 32, 32), steps=10, images=49_000 * 200)
+    out = capsys.readouterr().out
+    hours = flops * 23 * 49_000 * 200 / models.CPU_GFLOPS / 3600  # PGD-10: 2 x 10 + 3 forward-equivalents an image
+    assert out.startswith(f"note: this run takes ~{hours:,.0f} hours on this CPU") and out.count("\n") == 1
+    assert "python at.py --dataset fashion_mnist --arch cnn" in out
+    models.cpu_note(torch.device("cpu"), "cnn", (3, 32, 32), steps=10, images=1000)
+    models.cpu_note(torch.device("cuda"), "preact_resnet18", (3, 32, 32), steps=10, images=49_000 * 200)
+    assert capsys.readouterr().out == ""
+    root, _ = cifar  # through a run: said at the start, and the run goes on
+    real = data.batches
+    monkeypatch.setattr(data, "batches", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        at.main(["--dataset", "cifar10", "--data-dir", root, "--arch", "preact_resnet18", "--device", "cpu",
+                 "--out", str(tmp_path / "long"), "--val-size", "8", "--epochs", "1000"])  # 4.5 hours here
+    monkeypatch.setattr(data, "batches", real)
+    assert "note: this run takes ~" in capsys.readouterr().out
+
+
 def test_swa_batchnorm_pass_is_bounded_and_logs_are_tidy(tmp_path, monkeypatch, capsys):
     seen = []
     real = torch.optim.swa_utils.update_bn
@@ -1534,31 +1565,140 @@ def test_curve_picture_is_labelled_and_placed_where_a_comparison_belongs(monkeyp
     assert evaluate.picture_path([str(runs / "a" / "x.json")], "curve", "elsewhere.png") == "elsewhere.png"
 
 
-def test_readme_explains_itself():
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
-    assert "../shared" not in readme and "METHODS.md" not in readme
-    for word in ("TRADES", "MART", "SAR", "ISEAT", "AutoAttack", "fashion_mnist", "DEVICE=cuda", "bench.py",
-                 "report.py"):
-        assert word in readme, word
-    # the line counts the README gives are the files'
+PROGRAMS = ("at", "sar", "iseat", "trades", "mart", "eval", "report", "bench", "vulnerability")
+
+
+def parser_of(name):
+    """The argparse parser program `name` builds, taken as its get_args hands it to be parsed."""
+    import importlib
+    import cmdline
+
+    class Built(Exception):
+        pass
+    module, got = importlib.import_module(name), []
+
+    def take(p, argv=None, **_):
+        got.append(p)
+        raise Built
+    saved = {(m, a): getattr(m, a) for m in (module, cmdline) for a in ("parse", "parse_args") if hasattr(m, a)}
+    try:
+        for m, a in saved:
+            setattr(m, a, take)
+        module.get_args([])
+    except Built:
+        pass
+    finally:
+        for (m, a), f in saved.items():
+            setattr(m, a, f)
+    return got[0]
+
+
+def flags_markdown():
+    """docs/flags.md: every flag of every program, its default and its help, from the parsers themselves."""
+    machine = {"device": "cuda if a GPU is visible, else cpu", "quick": "on without a GPU"}
+    out = ["# Every flag of every program", "",
+           "Generated from the programs' own parsers by `flags_markdown()` in test_all.py; a test keeps this file equal",
+           "to it (after a change: `python -c \"import test_all; print(test_all.flags_markdown(), end='')\" >",
+           "docs/flags.md`). `python PROGRAM.py --help` prints the same. A default of None is resolved as the help says.",
+           ""]
+    for name in PROGRAMS:
+        p = parser_of(name)
+        out += [f"## {name}.py", "", p.description, "", "| flag | default | what it is |", "|---|---|---|"]
+        for a in p._actions:
+            if a.dest == "help":
+                continue
+            default = machine.get(a.dest, a.default)
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            out.append(f"| `{', '.join(a.option_strings) or a.dest}` | {'' if shown is None and not a.option_strings else shown}"
+                       f" | {a.help.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def test_every_flag_is_in_the_docs_and_help_shows_its_default(capsys):
+    with open(os.path.join(HERE, "docs", "flags.md")) as f:
+        assert f.read() == flags_markdown(), ("docs/flags.md differs from the parsers: python -c \"import test_all; "
+                                              "print(test_all.flags_markdown(), end='')\" > docs/flags.md")
+    for name in PROGRAMS:
+        p = parser_of(name)
+        assert all(a.help for a in p._actions), (name, [a.dest for a in p._actions if not a.help])
+        with pytest.raises(SystemExit) as e:
+            sys.modules[name].get_args(["--help"])
+        shown = capsys.readouterr().out
+        assert e.value.code == 0 and shown.count("(default:") >= len([a for a in p._actions if a.option_strings]) - 1
+
+
+def documented_commands():
+    """Every `python PROGRAM.py ...` and `torchrun ... PROGRAM.py ...` command of the README and docs/ (code blocks
+    and inline code), with the shell's variables of the README's blocks filled in: (program, argv, where)."""
     import re
-    lines = {f: sum(1 for _ in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)))
-             for f in os.listdir(os.path.dirname(os.path.abspath(__file__))) if f.endswith(".py")}
-    rows = re.findall(r"^\| `(\w+\.py)` \|.*\((\d+)(?: lines)?\) \|$", readme, re.M)
+    import shlex
+    found = []
+    for path in ["README.md"] + sorted(f"docs/{f}" for f in os.listdir(os.path.join(HERE, "docs")) if f.endswith(".md")):
+        text = open(os.path.join(HERE, path)).read().replace("\\\n", " ")
+        blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]*\.py[^`\n]*)`", text)
+        env = dict(re.findall(r'^(\w+)="([^"]*)"', "\n".join(blocks), re.M))
+        for block in blocks:
+            for line in block.splitlines():
+                line = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), "X"), line.split(" # ")[0])
+                m = re.search(r"(?:^|\s)(?:python|torchrun)\s.*?(\b(?:%s)\.py)\b(.*)" % "|".join(PROGRAMS), line)
+                if m:
+                    argv = [t for t in shlex.split(m.group(2).replace("...", "X")) if t not in ("&", "&&")]
+                    found.append((m.group(1)[:-3], argv, f"{path}: {line.strip()}"))
+    return found
+
+
+def test_the_documented_commands_name_only_flags_that_exist():
+    cmds = documented_commands()
+    assert len(cmds) > 40 and {p for p, _, _ in cmds} == set(PROGRAMS)
+    for program, argv, where in cmds:
+        p = parser_of(program)
+        p.exit_on_error = False
+        try:
+            p.parse_args(argv)
+        except (argparse.ArgumentError, SystemExit) as e:
+            raise AssertionError(f"{where}: {e}") from None
+
+
+def test_readme_explains_itself():
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    docs = {f: open(os.path.join(HERE, "docs", f)).read() for f in os.listdir(os.path.join(HERE, "docs"))}
+    assert len(readme.splitlines()) <= 350  # a README a researcher reads; the reference material is in docs/
+    for text in [readme, *docs.values()]:
+        assert "../shared" not in text and "METHODS.md" not in text
+        # the project's words: facts about the project, not about how its text came to be
+        assert not re.search(r"\bsession\b|where this was written|was lent|\bso far\b|consulted here", text)
+    for word in ("TRADES", "MART", "SAR", "ISEAT", "AutoAttack", "fashion_mnist", "DEVICE=cuda", "bench.py",
+                 "report.py", "wa_best.pt", "--recipe wang2023", "--resume", "docs/flags.md"):
+        assert word in readme, word
+    for arxiv in ("1706.06083", "2002.11569", "2306.14262", "2303.14077", "2004.05884", "1901.08573", "2302.04638",
+                  "2003.01690", "2010.09670"):  # every paper, cited with its link
+        assert f"https://arxiv.org/abs/{arxiv}" in readme, arxiv
+    for f in re.findall(r"\]\((docs/[\w.]+)\)", readme):  # the README's links lead somewhere
+        assert os.path.exists(os.path.join(HERE, f)), f
+    # the line counts docs/training.md gives are the files'
+    training = docs["training.md"]
+    lines = {f: sum(1 for _ in open(os.path.join(HERE, f))) for f in os.listdir(HERE) if f.endswith(".py")}
+    rows = re.findall(r"^\| `(\w+\.py)` \|.*\((\d+)(?: lines)?\) \|$", training, re.M)
     assert {f for f, _ in rows} == {"wa.py", "attacks.py", "models.py", "data.py"}
     for f, n in rows:
         assert lines[f] == int(n), (f, n)
-    counts = re.search(r"the methods \(([\d, ]+) lines\)", readme).group(1)
-    methods = ("at.py", "sar.py", "iseat.py", "trades.py", "mart.py")
-    assert [int(c) for c in counts.split(", ")] == [lines[f] for f in methods]
+    counts = re.search(r"the methods \(([\d, ]+) lines\)", training).group(1)
+    assert [int(c) for c in counts.split(", ")] == [lines[f] for f in METHOD_FILES]
     shared = sum(lines[f] for f in ("attacks.py", "data.py", "models.py", "wa.py"))
-    assert f"sar.py with\nthem is {shared + lines['sar.py']:,} lines, of which {shared:,} are the four modules" in readme
+    assert f"sar.py with\nthem is {shared + lines['sar.py']:,} lines, of which {shared:,} are the four modules" in training
     # the lines of each copyable function, as the README's table gives them
     for method, name in (("PGD-AT", "at"), ("SAR", "sar"), ("ISEAT", "iseat"), ("TRADES", "trades"), ("MART", "mart")):
         row = re.search(rf"^\| {method} \| .*? \| ([\d +]+) = (\d+) \|", readme, re.M)
         assert row, method
         total = copied(sys.modules[name], METHOD_FUNCTIONS[name])[1]
         assert int(row.group(2)) == total == sum(int(v) for v in row.group(1).split(" + ")), (method, total)
+    # the CPU demo: the README's commands are the ones docs/cpu_demo.sh runs and measures
+    demo = re.search(r"## A ten-minute CPU demo.*?```bash\n(.*?)```", readme, re.S).group(1).splitlines()
+    script = open(os.path.join(HERE, "docs", "cpu_demo.sh")).read()
+    script = script.split("# ---- the README's demo ----\n")[1].split("# ---- end ----")[0].splitlines()
+    assert [line.removeprefix("t ") for line in script] == demo
 
 
 # ---------------------------------------------------------------- bad input: one clear line each
