@@ -353,9 +353,9 @@ def get_model(arch, num_classes, in_channels=3, dataset=None):
 def param_groups(model, bn_weight_decay=None):
     """The parameters as SGD's groups: all in one, or (bn_weight_decay given) BatchNorm's weights and biases in a
     second group with that weight decay (the release of Wang et al. 2023: 0, every other parameter decayed)."""
-    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
     if bn_weight_decay is None:
         return [dict(params=list(model.parameters()))]
+    bn = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
     return [dict(params=[p for p in model.parameters() if id(p) not in bn]),
             dict(params=[p for p in model.parameters() if id(p) in bn], weight_decay=bn_weight_decay)]
 

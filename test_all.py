@@ -2849,6 +2849,10 @@ def test_dm_trades_attack_uses_batch_statistics_and_leaves_the_running_ones(monk
         (g,) = torch.autograd.grad(kl, want)
         want = torch.min(torch.max(want.detach() + 2 / 255 * g.sign(), x - 8 / 255), x + 8 / 255).clamp(0, 1)
     assert (got - want).abs().max() < 1e-6
+    model.bn1.track_running_stats = False  # each layer's flag is given back as it was
+    trades.trades_attack(model, x, 8 / 255, 2 / 255, 1, noise=u, dm=True)
+    assert not model.bn1.track_running_stats and model.bn2.track_running_stats
+    model.bn1.track_running_stats = True
     eval_mode = trades.trades_attack(model, x, 8 / 255, 2 / 255, 3, noise=torch.randn_like(x))  # the original
     assert not model.training and (eval_mode - got).abs().max() > 1e-3
 

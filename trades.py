@@ -83,6 +83,7 @@ def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf", dm=False
     touched."""
     was_training = model.training
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if dm else []
+    tracked = [m.track_running_stats for m in layers]  # given back after, as they were
     model.train(dm)
     for m in layers:
         m.track_running_stats = False  # train mode without tracking: the batch's statistics, the running ones untouched
@@ -101,8 +102,8 @@ def trades_attack(model, x, eps, alpha, steps, noise=None, norm="Linf", dm=False
         else:  # a step along the normalised gradient, the box, then back into the L2 ball
             g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
             x_adv = x + ((x_adv.detach() + alpha * g).clamp(0, 1) - x).renorm(2, 0, eps)
-    for m in layers:
-        m.track_running_stats = True
+    for m, t in zip(layers, tracked):
+        m.track_running_stats = t
     model.train(was_training)
     return x_adv.clamp(0, 1).detach()
 
